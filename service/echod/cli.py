@@ -1,0 +1,181 @@
+"""Command line: `echod run | start | stop | reload | status | check-config`.
+
+One flag per setting is generated from the settings model (`metrics.listen` -> `--metrics-listen`), so
+a new key gets its flag for free and the names cannot drift from SPEC.md's rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import __version__, logs
+from .config import EX_CONFIG, ConfigError, Settings, config_path, load_settings
+from .listeners import BindError
+
+EX_RUNTIME = 1
+EX_USAGE = 2
+EX_UNAVAILABLE = 69  # sysexits.h: cannot bind a listen address
+
+
+def _setting_flags() -> list[tuple[str, str, Any]]:
+    """(flag, dotted key, field info) for every setting."""
+    flags = []
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub, subfield in annotation.model_fields.items():
+                flags.append((f"--{name}-{sub}".replace("_", "-"), f"{name}.{sub}", subfield))
+        else:
+            flags.append((f"--{name}".replace("_", "-"), name, field))
+    return flags
+
+
+def _add_setting_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", help="TOML file (default: $ECHOD_CONFIG, /etc/echod/echod.toml)"
+    )
+    group = parser.add_argument_group("settings (override the file and the environment)")
+    for flag, key, field in _setting_flags():
+        help_text = field.description or f"{key} (default {field.get_default(call_default_factory=True)!r})"
+        if key == "listen":
+            group.add_argument(
+                flag, dest=key, action="append", metavar="HOST:PORT", help="repeatable; " + help_text
+            )
+        else:
+            group.add_argument(flag, dest=key, metavar="VALUE", help=help_text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for _flag, key, _field in _setting_flags():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        section, _, sub = key.partition(".")
+        if sub:
+            result.setdefault(section, {})[sub] = value
+        else:
+            result[key] = value
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echod", description="TCP echo service (RFC 862)")
+    parser.add_argument("--version", action="version", version=f"echod {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("run", "run in the foreground (what systemd uses)"),
+        ("start", "daemonize; return once accepting connections"),
+        ("check-config", "validate the configuration and print the effective settings"),
+    ):
+        _add_setting_options(commands.add_parser(name, help=help_text))
+    for name, help_text in (
+        ("stop", "stop the daemon named by the pidfile and wait for it"),
+        ("reload", "send SIGHUP to the daemon"),
+        ("status", "LSB status: 0 running, 1 dead with a stale pidfile, 3 not running"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--pidfile", metavar="PATH")
+        sub.add_argument("--config", metavar="PATH")
+        if name == "stop":
+            sub.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace) -> Callable[[], Settings]:
+    """A loader that reads the configuration afresh each call (start and every reload)."""
+    overrides = _overrides(args)
+    explicit = args.config
+
+    def load() -> Settings:
+        return load_settings(overrides, config_path(explicit, os.environ))
+
+    return load
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "run": cmd_run,
+        "check-config": cmd_check_config,
+    }.get(args.command)
+    if handler is None:
+        from . import daemon
+
+        handler = getattr(daemon, "cmd_" + args.command.replace("-", "_"))
+    return handler(args)
+
+
+def _config_failure(exc: ConfigError) -> int:
+    print("echod: invalid configuration:", file=sys.stderr)
+    for line in str(exc).splitlines():
+        print(f"  {line}", file=sys.stderr)
+    return EX_CONFIG
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_from_args(args)()
+    except ConfigError as exc:
+        return _config_failure(exc)
+    print(render_toml(settings.effective()), end="")
+    return 0
+
+
+def render_toml(values: dict[str, Any]) -> str:
+    # JSON scalars and arrays of them are valid TOML values, which is all the settings use.
+    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    for key, value in values.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]"] + [f"{sub} = {json.dumps(item)}" for sub, item in value.items()]
+    return "\n".join(lines) + "\n"
+
+
+def prepare(args: argparse.Namespace) -> tuple[Any, int]:
+    """Load, set up logging and bind everything; returns (ready-to-run master, 0) or (None, exit code)."""
+    from .listeners import ListenerSet, somaxconn
+    from .master import Master, bind_metrics
+
+    load = load_from_args(args)
+    try:
+        settings = load()
+    except ConfigError as exc:
+        return None, _config_failure(exc)
+    try:
+        logs.setup(settings.log.level, settings.log.format, settings.log.file)
+    except OSError as exc:
+        print(f"echod: invalid configuration:\n  log.file: cannot open {settings.log.file!r}: {exc.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return None, EX_CONFIG
+    limit = somaxconn()
+    if limit is not None and settings.backlog > limit:
+        logs.logging.getLogger("echod").warning(
+            "backlog %d is capped at net.core.somaxconn=%d", settings.backlog, limit
+        )
+    listeners = ListenerSet(settings.backlog)
+    try:
+        listeners.open(settings.addresses, settings.worker_count)
+        metrics_sock = bind_metrics(settings.metrics.listen)
+    except BindError as exc:
+        listeners.close()
+        print(f"echod: {exc}", file=sys.stderr)
+        return None, EX_UNAVAILABLE
+    return Master(settings, load, listeners, metrics_sock), 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    master, code = prepare(args)
+    if master is None:
+        return code
+    try:
+        return master.run()
+    except Exception:
+        logs.logging.getLogger("echod").exception("master failed")
+        return EX_RUNTIME

@@ -1,0 +1,200 @@
+"""Configuration: defaults < TOML file < ECHOD_* environment < command-line flags.
+
+One code path loads the configuration for `run`, `start`, `check-config` and every reload, so a
+reload can never accept what a start would refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from .listeners import Address, parse_address
+
+DEFAULT_CONFIG_PATH = Path("/etc/echod/echod.toml")
+EX_CONFIG = 78  # sysexits.h EX_CONFIG, as SPEC.md demands
+MAX_WORKERS = 256
+
+# The TOML file chosen for the load in progress; read by settings_customise_sources, which pydantic
+# calls as a classmethod and so cannot take it as an argument.
+_toml_path: ContextVar[Path | None] = ContextVar("_toml_path", default=None)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; str() names the key, the value and the reason, one problem per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricsSettings(_Section):
+    listen: str = Field("127.0.0.1:9640", description='Prometheus endpoint; "" disables it')
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            parse_address(value)
+        return value
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    file: str = Field("", description="empty = stderr")
+
+
+class DaemonSettings(_Section):
+    pidfile: str = "/run/echod/echod.pid"
+    user: str = ""
+    group: str = ""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ECHOD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    listen: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:7007"], min_length=1)
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="0 = one per CPU")
+    backlog: int = Field(1024, ge=1, le=65535)
+    max_connections: int = Field(10000, ge=1, le=1_000_000, description="per worker")
+    read_size: int = Field(65536, ge=512, le=16 * 1024 * 1024)
+    write_buffer_high: int = Field(262144, ge=1, le=1 << 30)
+    write_buffer_low: int = Field(65536, ge=0, le=1 << 30)
+    idle_timeout: float = Field(300, ge=0, le=86400 * 365)
+    shutdown_timeout: float = Field(30, ge=0, le=86400)
+    heartbeat_timeout: float = Field(
+        10, ge=1, le=3600, description="extension: a worker silent this long is killed and replaced"
+    )
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    daemon: DaemonSettings = DaemonSettings()
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _split_listen(cls, value: Any) -> Any:
+        # From the environment the list arrives as text: accept JSON or "a,b".
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        seen: set[Address] = set()
+        for text in value:
+            address = parse_address(text)
+            if address in seen:
+                raise ValueError(f"{text!r} is listed twice")
+            seen.add(address)
+        return value
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> Settings:
+        if self.write_buffer_low >= self.write_buffer_high:
+            raise ValueError(
+                f"write_buffer_low ({self.write_buffer_low}) must be below "
+                f"write_buffer_high ({self.write_buffer_high})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def addresses(self) -> list[Address]:
+        return [parse_address(text) for text in self.listen]
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+    def effective(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The file to read: --config, else $ECHOD_CONFIG, else /etc/echod/echod.toml if present."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("ECHOD_CONFIG"):
+        return Path(environ["ECHOD_CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, path: Path | None = None) -> Settings:
+    """Build and validate the settings, or raise ConfigError naming every bad key."""
+    if path is not None:
+        _check_file(path)
+    token = _toml_path.set(path)
+    try:
+        return Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(exc, path))) from None
+    except SettingsError as exc:
+        raise ConfigError(f"environment: {exc.__cause__ or exc}") from None
+    finally:
+        _toml_path.reset(token)
+
+
+def _check_file(path: Path) -> None:
+    # pydantic-settings silently ignores a missing TOML file and lets TOMLDecodeError escape.
+    try:
+        with path.open("rb") as handle:
+            tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> Iterator[str]:
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            where = f" in {path}" if path else ""
+            yield f"{key}: unknown key{where}"
+        elif error["loc"]:
+            yield f"{key}: invalid value {error['input']!r}: {message}"
+        else:
+            yield message

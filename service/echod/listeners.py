@@ -1,0 +1,178 @@
+"""Listening sockets, owned by the master for its whole life.
+
+For every listen address the master binds one SO_REUSEPORT socket per worker slot. Worker *i* accepts
+on socket *i*; because the master keeps its copy open, a worker that exits or is replaced never makes
+the kernel drop the connections queued on that socket (nginx ticket #1300, gunicorn #3612).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("echod.listeners")
+
+
+class BindError(Exception):
+    """An address cannot be bound (in use, permission): exit code 69."""
+
+
+@dataclass(frozen=True, order=True)
+class Address:
+    host: str
+    port: int
+    family: int = field(compare=False)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """`host:port` or `[v6addr]:port`; host must be an IP literal, `*` or `localhost`."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [v6addr]:port")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: expected host:port")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    if host in ("", "*"):
+        host = "0.0.0.0"
+    elif host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if ip.version == 6 and not text.startswith("["):
+        raise ValueError(f"{text!r}: write IPv6 addresses as [addr]:port")
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return Address(str(ip), int(port_text), family)
+
+
+def bind_socket(address: Address, backlog: int, reuse_port: bool = True) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Linux copies TCP_NODELAY to accepted sockets, which saves a setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind {address}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _probe(address: Address) -> None:
+    """Refuse an address someone else listens on.
+
+    SO_REUSEPORT would otherwise let a second echod (same user) join the first one's port group
+    silently; a probe bound without SO_REUSEPORT fails with EADDRINUSE if anything listens there.
+    """
+    probe = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if address.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind((address.host, address.port))
+    except OSError as exc:
+        reason = "address in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise BindError(f"cannot bind {address}: {reason}") from None
+    finally:
+        probe.close()
+
+
+def somaxconn() -> int | None:
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class ListenerSet:
+    """address -> one listening socket per worker slot."""
+
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+        self.sockets: dict[Address, list[socket.socket]] = {}
+
+    @property
+    def addresses(self) -> list[Address]:
+        return list(self.sockets)
+
+    def bound_address(self, address: Address) -> Address:
+        """The address as bound (port 0 resolved to the port the kernel chose)."""
+        host, port = self.sockets[address][0].getsockname()[:2]
+        return Address(host, port, address.family)
+
+    def open(self, addresses: list[Address], slots: int) -> None:
+        """Bind every new address for `slots` slots; addresses already held keep their sockets.
+
+        Everything is bound before anything is kept, so a failure leaves the set as it was.
+        """
+        fresh: dict[Address, list[socket.socket]] = {}
+        try:
+            for address in addresses:
+                if address not in self.sockets:
+                    fresh[address] = self._bind_group(address, slots)
+        except BindError:
+            for group in fresh.values():
+                for sock in group:
+                    sock.close()
+            raise
+        self.sockets.update(fresh)
+        self.resize(slots)
+
+    def _bind_group(self, address: Address, slots: int) -> list[socket.socket]:
+        _probe(address)
+        first = bind_socket(address, self.backlog)
+        group = [first]
+        if address.port == 0:  # every slot must share the port the kernel picked for the first
+            address = Address(address.host, first.getsockname()[1], address.family)
+        try:
+            group.extend(bind_socket(address, self.backlog) for _ in range(slots - 1))
+        except BindError:
+            for sock in group:
+                sock.close()
+            raise
+        return group
+
+    def resize(self, slots: int) -> None:
+        """Grow every group to `slots` sockets (shrinking is `shrink`)."""
+        for address, group in self.sockets.items():
+            bound = self.bound_address(address)
+            while len(group) < slots:
+                group.append(bind_socket(bound, self.backlog))
+
+    def slot(self, index: int) -> list[socket.socket]:
+        return [group[index] for group in self.sockets.values() if index < len(group)]
+
+    def shrink(self, slots: int) -> None:
+        for group in self.sockets.values():
+            while len(group) > slots:
+                group.pop().close()
+
+    def close_address(self, address: Address) -> None:
+        for sock in self.sockets.pop(address, []):
+            sock.close()
+
+    def close(self) -> None:
+        for address in list(self.sockets):
+            self.close_address(address)
+
+    def filenos(self) -> set[int]:
+        return {sock.fileno() for group in self.sockets.values() for sock in group}

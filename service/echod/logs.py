@@ -1,0 +1,111 @@
+"""Logging: text or JSON lines to stderr or a file; journald priorities; reopen on SIGUSR1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import TextIO
+
+# sd-daemon(3) priority prefixes: journald reads "<N>" at the start of a line as the syslog level.
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: "<7>",
+    logging.INFO: "<6>",
+    logging.WARNING: "<4>",
+    logging.ERROR: "<3>",
+    logging.CRITICAL: "<2>",
+}
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self, journal: bool) -> None:
+        fmt = "%(levelname)s %(name)s[%(process)d]: %(message)s"
+        if not journal:  # journald stamps lines itself
+            fmt = "%(asctime)s " + fmt
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return _JOURNAL_PRIORITY.get(record.levelno, "") + text if self.journal else text
+
+
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        text = json.dumps(entry, separators=(",", ":"))
+        return _JOURNAL_PRIORITY.get(record.levelno, "") + text if self.journal else text
+
+
+class _ReopenableHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler on stderr or on a file that SIGUSR1 reopens (for logrotate)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> TextIO:
+        if not self.path:
+            return sys.stderr
+        return open(self.path, "a", buffering=1, encoding="utf-8")
+
+    def reopen(self) -> None:
+        if not self.path:
+            return
+        self.acquire()
+        try:
+            old, self.stream = self.stream, self._open()
+            old.close()
+        finally:
+            self.release()
+
+
+_handler: _ReopenableHandler | None = None
+
+
+def setup(level: str = "info", fmt: str = "text", path: str = "") -> None:
+    """(Re)configure the root 'echod' logger. Raises OSError if the log file cannot be opened."""
+    global _handler
+    journal = not path and _stderr_is_journal()
+    handler = _ReopenableHandler(path)
+    handler.setFormatter(_JsonFormatter(journal) if fmt == "json" else _TextFormatter(journal))
+    logger = logging.getLogger("echod")
+    if _handler is not None:
+        logger.removeHandler(_handler)
+        if _handler.path:
+            _handler.stream.close()
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    _handler = handler
+
+
+def reopen() -> None:
+    if _handler is not None:
+        _handler.reopen()
+
+
+def _stderr_is_journal() -> bool:
+    # systemd sets JOURNAL_STREAM=dev:ino of the stream it connected; only trust it if it is ours.
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)

@@ -1,0 +1,430 @@
+"""The master process: owns the listening sockets, forks and supervises workers, handles signals.
+
+Signal handlers only queue the signal number; `signal.set_wakeup_fd` makes the master's wait return,
+and the main loop handles the queue (gunicorn's arbiter does the same), so nothing that logs, forks or
+reaps ever runs inside a handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import logs, notify, stats
+from .config import MAX_WORKERS, ConfigError, Settings
+from .listeners import Address, BindError, ListenerSet, bind_socket, parse_address
+from .stats import Stats
+from .worker import FLUSH_GRACE, Worker
+
+log = logging.getLogger("echod.master")
+
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
+)  # fmt: skip
+QUICK_DEATH = 2.0  # a worker that dies younger than this counts towards crash-loop backoff
+MAX_BACKOFF = 30.0
+KILL_GRACE = 5.0  # seconds past a stop's own deadline before stragglers get SIGKILL
+READY_TIMEOUT = 30.0  # seconds a new generation has to start accepting during a reload
+
+
+@dataclass
+class WorkerProc:
+    pid: int
+    slot: int
+    generation: int
+    row: int
+    started: float
+    retiring: bool = False
+    kill_at: float | None = None  # when a retiring worker gets SIGKILL
+    killed: bool = False
+
+
+class Master:
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[], Settings],
+        listeners: ListenerSet,
+        metrics_sock: socket.socket | None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.load = load
+        self.listeners = listeners
+        self.metrics_sock = metrics_sock
+        self.on_ready = on_ready
+        self.pid = os.getpid()
+        self.stats = Stats(worker_rows=2 * MAX_WORKERS + 8)
+        self.generation = 1
+        self.wanted = settings.worker_count
+        self.workers: dict[int, WorkerProc] = {}  # pid -> worker, every generation
+        self.metrics_pid = 0
+        self.queue: list[int] = []
+        self.backoff: dict[int, tuple[int, float]] = {}  # slot -> (quick deaths, earliest restart)
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.ready = False
+        self.reload_started: float | None = None
+        self.pending_close: set[Address] = set()  # addresses to close once a reload completes
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        self._publish_state()
+        self._start_metrics()
+        log.info(
+            "echod starting: listen %s, %d workers, metrics %s",
+            ", ".join(str(self.listeners.bound_address(a)) for a in self.listeners.addresses),
+            self.wanted,
+            self.settings.metrics.listen or "off",
+        )
+        while True:
+            if self.queue:
+                self._handle_signals()
+            self._reap()
+            if self.stopping:
+                if not self.workers:
+                    break
+                self._escalate_stop()
+            else:
+                self._supervise()
+            self._wait(1.0 if not self.reload_started and self.ready else 0.05)
+        self._stop_metrics()
+        notify.status("stopped")
+        log.info("echod stopped")
+        return 0
+
+    def _wait(self, timeout: float) -> None:
+        if self.queue:
+            return
+        try:
+            ready, _, _ = select.select([self.wakeup_r], [], [], timeout)
+        except InterruptedError:
+            return
+        if ready:
+            try:
+                while os.read(self.wakeup_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _install_signals(self) -> None:
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wakeup_w)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._enqueue)
+
+    def _enqueue(self, signum: int, _frame: object) -> None:
+        self.queue.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self.queue:
+            signum = self.queue.pop(0)
+            if signum == signal.SIGCHLD:
+                continue  # _reap runs on every turn
+            log.debug("signal %s", signal.Signals(signum).name)
+            if signum == signal.SIGTERM:
+                self._begin_stop(fast=False)
+            elif signum in (signal.SIGINT, signal.SIGQUIT):
+                self._begin_stop(fast=True)
+            elif self.stopping:
+                continue
+            elif signum == signal.SIGHUP:
+                self._reload()
+            elif signum == signal.SIGUSR1:
+                logs.reopen()
+                self._signal_workers(signal.SIGUSR1)
+                log.info("log file reopened")
+            elif signum == signal.SIGTTIN:
+                self._scale(self.wanted + 1)
+            elif signum == signal.SIGTTOU:
+                self._scale(self.wanted - 1)
+
+    # -- workers --------------------------------------------------------------------------------
+    def _spawn(self, slot: int) -> None:
+        listeners = self.listeners.slot(slot)
+        row = self.stats.claim_row(0, slot, self.generation)
+        pid = self._fork(lambda: Worker(self.settings, listeners, self.stats.row(row), self.pid).run(),
+                         keep=listeners)  # fmt: skip
+        self.stats.row(row)[stats.PID] = pid
+        self.workers[pid] = WorkerProc(pid, slot, self.generation, row, time.monotonic())
+        log.debug("worker %d started in slot %d (generation %d)", pid, slot, self.generation)
+
+    def _fork(self, body: Callable[[], int], keep: list[socket.socket]) -> int:
+        # Signals stay blocked across fork so that none reaches the child's copy of our handlers.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            raise
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            return pid
+        code = 1
+        try:
+            self._become_child(keep)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            code = body()
+        except BaseException:
+            log.exception("child process failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _become_child(self, keep: list[socket.socket]) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        kept = {sock.fileno() for sock in keep}
+        for fd in self.listeners.filenos() - kept:
+            os.close(fd)
+        if self.metrics_sock is not None and self.metrics_sock.fileno() not in kept:
+            os.close(self.metrics_sock.fileno())
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        current = {w.slot: w for w in self.workers.values() if w.generation == self.generation}
+        for slot in range(self.wanted):
+            if slot not in current and now >= self.backoff.get(slot, (0, 0.0))[1]:
+                self._spawn(slot)
+        self._check_heartbeats()
+        if self.reload_started is not None:
+            self._finish_reload(now)
+        elif not self.ready and self._generation_ready():
+            self.ready = True
+            log.info("ready: %d workers accepting", self.wanted)
+            notify.ready(self._status_line())
+            if self.on_ready is not None:
+                self.on_ready()
+        for worker in self.workers.values():
+            if worker.kill_at is not None and now >= worker.kill_at and not worker.killed:
+                self._kill(worker, signal.SIGKILL, "did not finish retiring in time")
+        self._publish_state()
+
+    def _generation_ready(self) -> bool:
+        accepting = sum(
+            1
+            for w in self.workers.values()
+            if w.generation == self.generation and self.stats.row(w.row)[stats.STATE] == stats.STATE_ACCEPTING
+        )
+        return accepting >= self.wanted
+
+    def _check_heartbeats(self) -> None:
+        limit_ms = self.settings.heartbeat_timeout * 1000
+        now_ms = stats.monotonic_ms()
+        for worker in list(self.workers.values()):
+            row = self.stats.row(worker.row)
+            if now_ms - row[stats.HEARTBEAT_MS] > limit_ms and not worker.killed:
+                self._kill(worker, signal.SIGKILL, f"no heartbeat for {self.settings.heartbeat_timeout:g} s")
+
+    def _kill(self, worker: WorkerProc, signum: int, why: str) -> None:
+        worker.killed = True
+        log.warning("killing worker %d (slot %d): %s", worker.pid, worker.slot, why)
+        try:
+            os.kill(worker.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.metrics_pid:
+                self.metrics_pid = 0
+                if not self.stopping:
+                    log.error("metrics process %d exited (%s); restarting it", pid, _describe(status))
+                    self._start_metrics()
+                continue
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._worker_exited(worker, status)
+
+    def _worker_exited(self, worker: WorkerProc, status: int) -> None:
+        self.stats.release_row(worker.row)
+        expected = worker.retiring or self.stopping
+        if expected:
+            log.info("worker %d (slot %d) exited: %s", worker.pid, worker.slot, _describe(status))
+            return
+        log.error("worker %d (slot %d) died: %s; replacing it", worker.pid, worker.slot, _describe(status))
+        self.stats.master[stats.M_WORKER_RESTARTS] += 1
+        if worker.generation != self.generation or worker.slot >= self.wanted:
+            return
+        now = time.monotonic()
+        deaths, _ = self.backoff.get(worker.slot, (0, 0.0))
+        if now - worker.started < QUICK_DEATH:
+            deaths += 1
+            delay = 0.0 if deaths == 1 else min(MAX_BACKOFF, 0.5 * 2 ** (deaths - 2))
+            if delay:
+                log.warning("slot %d crash loop: next start in %.1f s", worker.slot, delay)
+            self.backoff[worker.slot] = (deaths, now + delay)
+        else:
+            self.backoff.pop(worker.slot, None)
+        if now >= self.backoff.get(worker.slot, (0, 0.0))[1]:
+            self._spawn(worker.slot)
+
+    def _signal_workers(self, signum: int) -> None:
+        for worker in self.workers.values():
+            try:
+                os.kill(worker.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _retire(self, worker: WorkerProc) -> None:
+        if worker.retiring:
+            return
+        worker.retiring = True
+        worker.kill_at = time.monotonic() + self.settings.shutdown_timeout + FLUSH_GRACE + KILL_GRACE
+        try:
+            os.kill(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    # -- scaling and reload ---------------------------------------------------------------------
+    def _scale(self, wanted: int) -> None:
+        if not 1 <= wanted <= MAX_WORKERS:
+            log.warning("worker count stays at %d (limits 1..%d)", self.wanted, MAX_WORKERS)
+            return
+        log.info("workers: %d -> %d", self.wanted, wanted)
+        if wanted > self.wanted:
+            try:
+                self.listeners.resize(wanted)
+            except BindError as exc:
+                log.error("cannot add a worker: %s", exc)
+                return
+        self.wanted = wanted
+        for worker in list(self.workers.values()):
+            if worker.generation == self.generation and worker.slot >= wanted:
+                self._retire(worker)
+        self.listeners.shrink(max(wanted, self._highest_slot_in_use() + 1))
+        self._publish_state()
+
+    def _highest_slot_in_use(self) -> int:
+        return max((w.slot for w in self.workers.values() if not w.retiring), default=-1)
+
+    def _reload(self) -> None:
+        log.info("reloading configuration")
+        notify.reloading("reloading")
+        try:
+            new = self.load()
+            self.listeners.open(new.addresses, max(new.worker_count, self.wanted))
+            metrics_sock = self._rebind_metrics(new)
+        except (ConfigError, BindError) as exc:
+            self._reload_failed(str(exc))
+            return
+        old_addresses = set(self.listeners.addresses) - set(new.addresses)
+        logs.setup(new.log.level, new.log.format, new.log.file)
+        self.settings = new
+        self.generation += 1
+        self.wanted = new.worker_count
+        self.reload_started = time.monotonic()
+        self.pending_close = old_addresses
+        if metrics_sock is not self.metrics_sock:
+            self._stop_metrics()
+            if self.metrics_sock is not None:
+                self.metrics_sock.close()
+            self.metrics_sock = metrics_sock
+            self._start_metrics()
+        for slot in range(self.wanted):
+            self._spawn(slot)
+        self._publish_state()
+
+    def _reload_failed(self, why: str) -> None:
+        log.error("reload failed, keeping the running configuration:\n%s", why)
+        self.stats.master[stats.M_RELOAD_FAILURE] += 1
+        self.stats.master[stats.M_LAST_RELOAD_OK] = 0
+        notify.notify("READY=1", f"STATUS=reload failed; {self._status_line()}")
+
+    def _finish_reload(self, now: float) -> None:
+        """Retire the old generation once every new worker accepts (or the new one gave up)."""
+        assert self.reload_started is not None
+        if not self._generation_ready():
+            if now - self.reload_started < READY_TIMEOUT:
+                return
+            log.error("new workers not ready after %.0f s; retiring the old ones anyway", READY_TIMEOUT)
+        for worker in list(self.workers.values()):
+            if worker.generation != self.generation:
+                self._retire(worker)
+        for address in self.pending_close:
+            self.listeners.close_address(address)
+        self.listeners.shrink(self.wanted)
+        self.reload_started = None
+        self.stats.master[stats.M_RELOAD_SUCCESS] += 1
+        self.stats.master[stats.M_LAST_RELOAD_OK] = 1
+        log.info("reload complete: generation %d, %d workers", self.generation, self.wanted)
+        notify.notify("READY=1", f"STATUS={self._status_line()}")
+
+    # -- stopping -------------------------------------------------------------------------------
+    def _begin_stop(self, fast: bool) -> None:
+        if self.stopping and not fast:
+            return
+        self.stopping = True
+        notify.stopping("stopping")
+        log.info("%s stop: closing listeners", "fast" if fast else "graceful")
+        self.listeners.close()
+        grace = FLUSH_GRACE if fast else self.settings.shutdown_timeout + FLUSH_GRACE
+        self.stop_deadline = time.monotonic() + grace + KILL_GRACE
+        self._signal_workers(signal.SIGQUIT if fast else signal.SIGTERM)
+
+    def _escalate_stop(self) -> None:
+        if time.monotonic() >= self.stop_deadline:
+            for worker in list(self.workers.values()):
+                self._kill(worker, signal.SIGKILL, "still running past the stop deadline")
+            self.stop_deadline += KILL_GRACE
+
+    # -- metrics --------------------------------------------------------------------------------
+    def _rebind_metrics(self, new: Settings) -> socket.socket | None:
+        if new.metrics.listen == self.settings.metrics.listen:
+            return self.metrics_sock
+        return bind_metrics(new.metrics.listen)
+
+    def _start_metrics(self) -> None:
+        if self.metrics_sock is None or self.stopping:
+            return
+        from . import metrics  # only the metrics process needs prometheus_client
+
+        sock, timeout = self.metrics_sock, self.settings.heartbeat_timeout
+        self.metrics_pid = self._fork(lambda: metrics.serve(sock, self.stats, timeout, self.pid), keep=[sock])
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_pid:
+            try:
+                os.kill(self.metrics_pid, signal.SIGTERM)
+                os.waitpid(self.metrics_pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.metrics_pid = 0
+
+    def _publish_state(self) -> None:
+        master = self.stats.master
+        master[stats.M_GENERATION] = self.generation
+        master[stats.M_WORKERS_WANTED] = self.wanted
+        master[stats.M_MASTER_PID] = self.pid
+
+    def _status_line(self) -> str:
+        return f"generation {self.generation}, {self.wanted} workers"
+
+
+def bind_metrics(listen: str) -> socket.socket | None:
+    if not listen:
+        return None
+    return bind_socket(parse_address(listen), backlog=64, reuse_port=False)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

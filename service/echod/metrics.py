@@ -1,0 +1,192 @@
+"""Prometheus exposition and /healthz, served by a small process of their own.
+
+The master forks this process after creating the shared statistics table. It serves HTTP with
+threads, which is safe only because it never forks; keeping it out of the master also means a slow
+or hostile scraper can never stall signal handling or worker supervision.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from . import __version__, stats
+from .stats import Stats
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+HTTP_TIMEOUT = 10.0  # seconds a scraper may take to send its request
+
+
+class StatsCollector(Collector):
+    def __init__(self, table: Stats, heartbeat_timeout: float) -> None:
+        self.table = table
+        self.heartbeat_timeout_ms = heartbeat_timeout * 1000
+
+    def collect(self) -> Iterator[Metric]:
+        master, rows = self.table.snapshot()
+        workers = [row for row in rows[1:] if row[stats.STATE] != stats.STATE_FREE]
+
+        def total(field: int) -> int:
+            return sum(row[field] for row in rows)
+
+        def gauge(field: int) -> int:
+            return sum(row[field] for row in workers)
+
+        yield _counter("echod_connections_accepted", "Connections accepted", total(stats.ACCEPTED))
+        closed = CounterMetricFamily("echod_connections_closed", "Connections closed", labels=["reason"])
+        for reason, field in stats.CLOSE_REASONS.items():
+            closed.add_metric([reason], total(field))
+        yield closed
+        rejected = CounterMetricFamily(
+            "echod_connections_rejected", "Connections accepted and closed at once", labels=["reason"]
+        )
+        for reason, field in stats.REJECT_REASONS.items():
+            rejected.add_metric([reason], total(field))
+        yield rejected
+        yield _gauge("echod_connections_active", "Open client connections", gauge(stats.ACTIVE))
+        yield _counter("echod_received_bytes", "Bytes read from clients", total(stats.RECEIVED_BYTES))
+        yield _counter("echod_sent_bytes", "Bytes echoed back to clients", total(stats.SENT_BYTES))
+        yield _counter(
+            "echod_partial_writes", "Sends the kernel took only part of", total(stats.PARTIAL_WRITES)
+        )
+        yield _counter(
+            "echod_backpressure_pauses",
+            "Times reading from a connection stopped at write_buffer_high",
+            total(stats.BACKPRESSURE_PAUSES),
+        )
+        yield _counter(
+            "echod_dropped_bytes",
+            "Bytes read but not echoed (client reset, idle timeout, shutdown_timeout expiry)",
+            total(stats.DROPPED_BYTES),
+        )
+        yield _gauge("echod_buffered_bytes", "Pending output, all connections", gauge(stats.BUFFERED))
+        yield _gauge(
+            "echod_workers",
+            "Live workers of the current configuration",
+            self._current(master, workers, fresh_only=False),
+        )
+        yield _gauge(
+            "echod_workers_configured", "Workers the configuration asks for", master[stats.M_WORKERS_WANTED]
+        )
+        yield _counter(
+            "echod_worker_restarts", "Workers replaced after dying", master[stats.M_WORKER_RESTARTS]
+        )
+        reloads = CounterMetricFamily("echod_config_reloads", "Configuration reloads", labels=["result"])
+        reloads.add_metric(["success"], master[stats.M_RELOAD_SUCCESS])
+        reloads.add_metric(["failure"], master[stats.M_RELOAD_FAILURE])
+        yield reloads
+        yield _gauge(
+            "echod_config_last_reload_successful",
+            "1 if the last reload succeeded",
+            master[stats.M_LAST_RELOAD_OK],
+        )
+        yield _gauge("echod_config_generation", "Configuration generation served", master[stats.M_GENERATION])
+        build = GaugeMetricFamily("echod_build_info", "echod version", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+        yield self._rss(workers)
+
+    def _current(self, master: list[int], workers: Iterable[list[int]], fresh_only: bool) -> int:
+        now = stats.monotonic_ms()
+        return sum(
+            1
+            for row in workers
+            if row[stats.GENERATION] == master[stats.M_GENERATION]
+            and row[stats.STATE] == stats.STATE_ACCEPTING
+            and (not fresh_only or now - row[stats.HEARTBEAT_MS] < self.heartbeat_timeout_ms)
+        )
+
+    @staticmethod
+    def _rss(workers: Iterable[list[int]]) -> Metric:
+        family = GaugeMetricFamily(
+            "echod_worker_resident_memory_bytes", "Resident memory per worker", labels=["slot", "state"]
+        )
+        for row in workers:
+            try:
+                with open(f"/proc/{row[stats.PID]}/statm", "rb") as handle:
+                    pages = int(handle.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            state = "retiring" if row[stats.STATE] == stats.STATE_DRAINING else "serving"
+            family.add_metric([str(row[stats.SLOT]), state], pages * PAGE_SIZE)
+        return family
+
+    def healthy(self) -> bool:
+        master, rows = self.table.snapshot()
+        workers = [row for row in rows[1:] if row[stats.STATE] != stats.STATE_FREE]
+        wanted = master[stats.M_WORKERS_WANTED]
+        return wanted > 0 and self._current(master, workers, fresh_only=True) >= wanted
+
+
+def _counter(name: str, documentation: str, value: float) -> Metric:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _gauge(name: str, documentation: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def make_app(collector: StatsCollector, master_pid: int) -> Callable[..., Iterable[bytes]]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(namespace="echod_master", pid=lambda: master_pid, registry=registry)
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            ok = collector.healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"unavailable\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = HTTP_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, master_pid: int) -> None:
+        super().__init__(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_name = "echod"
+        self.server_port = sock.getsockname()[1]
+        self.setup_environ()
+        self.master_pid = master_pid
+
+    def service_actions(self) -> None:
+        if os.getppid() != self.master_pid:  # the master died: do not outlive it
+            raise SystemExit(0)
+
+
+def serve(sock: socket.socket, table: Stats, heartbeat_timeout: float, master_pid: int) -> int:
+    """Entry point of the metrics process (already forked)."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(signum, signal.SIG_IGN)
+    sock.setblocking(True)
+    server = _Server(sock, master_pid)
+    server.set_app(make_app(StatsCollector(table, heartbeat_timeout), master_pid))
+    server.serve_forever(poll_interval=0.5)
+    return 0

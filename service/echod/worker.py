@@ -1,0 +1,494 @@
+"""A worker process: one level-triggered `select.epoll` loop serving its slot's listening sockets.
+
+Hot-path design (see bench/README.md for the measurements behind it):
+- Connections are bare file descriptors read and written with `os.read`/`os.write`: no socket object,
+  no per-connection object while the echo goes out whole. `table[fd]` is None for such a connection,
+  a `Connection` while it has state (pending output, paused, half-closed), a `_Listener` for a
+  listening socket and `_CLOSED` otherwise, so one list lookup both finds the state and routes the event.
+- Level-triggered, one `read` per ready connection per loop turn: a fast client cannot starve the
+  others, and the steady state needs no extra read to reach EAGAIN and no `epoll_ctl`.
+- EPOLLOUT is registered only while output is pending.
+- Counters are plain ints; the hot loop keeps bytes in locals and everything is published to the
+  shared-memory row once a second. Idle tracking is one list store per read (`last[fd] = tick`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+from . import stats
+from .config import Settings
+from .connection import Connection, Watermarks
+from .idle import IdleWheel
+
+log = logging.getLogger("echod.worker")
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
+READING = EPOLLIN | EPOLLRDHUP
+ACCEPT_BATCH = 64  # connections accepted per listener per loop turn
+MAX_EVENTS = 1024
+FLUSH_GRACE = 3.0  # seconds a stop spends flushing what was read before closing anyway
+EMFILE_PAUSE = 1.0  # seconds accepting stays off when even the reserve fd cannot be had
+LINGER_DISCARD = 1 << 20  # bytes read and dropped per turn from a connection we are closing
+
+
+class _Listener:
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_CLOSED = _Sentinel("closed")  # no connection on this fd
+_WAKEUP = _Sentinel("wakeup")  # the signal wake-up pipe
+
+
+class Closing(Connection):
+    """A connection being closed by a stop: flush, then shut down our side and discard until EOF."""
+
+    __slots__ = ("shut",)
+
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        super().__init__(data)
+        self.shut = False
+
+
+def _sock_for(fd: int) -> socket.socket:
+    # A borrowed socket object for the rare calls os lacks (shutdown); detach() before it is dropped.
+    return socket.socket(fileno=fd)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        listeners: list[socket.socket],
+        row: memoryview,
+        master_pid: int,
+    ) -> None:
+        self.settings = settings
+        self.listeners = listeners
+        self.row = row
+        self.master_pid = master_pid
+        self.read_size = settings.read_size
+        self.max_connections = settings.max_connections
+        self.marks = Watermarks(settings.write_buffer_high, settings.write_buffer_low)
+        self.counts = [0] * stats.COUNTERS
+        self.open = 0
+        self.buffered = 0
+        self.table: list[Any] = [_CLOSED] * 1024
+        self.last: list[int] = [0] * 1024
+        self.tick = int(time.monotonic())
+        self.wheel: IdleWheel | None = None
+        if settings.idle_timeout > 0:
+            self.wheel = IdleWheel(math.ceil(settings.idle_timeout), self.last, self.tick)
+        self.ep = select.epoll()
+        self.reserve_fd = -1
+        self.accepting = False
+        self.accept_resume_at = 0.0
+        self.signalled: list[int] = []
+        self.drain_deadline: float | None = None  # set by a graceful stop
+        self.close_deadline: float | None = None  # set once connections are being closed
+        self.next_housekeeping = 0.0
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup_fd = rfd
+        signal.set_wakeup_fd(wfd)
+        self._grow(rfd)
+        self.table[rfd] = _WAKEUP
+        self.ep.register(rfd, EPOLLIN)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signalled.append(signum)
+
+    def _start_accepting(self) -> None:
+        for sock in self.listeners:
+            fd = sock.fileno()
+            self._grow(fd)
+            self.table[fd] = _Listener(sock)
+            self.ep.register(fd, EPOLLIN)
+        self.accepting = True
+
+    def _stop_accepting(self) -> None:
+        for sock in self.listeners:
+            fd = sock.fileno()
+            if self.accepting:
+                self.ep.unregister(fd)
+            self.table[fd] = _CLOSED
+        self.accepting = False
+
+    def run(self) -> int:
+        self._install_signals()
+        self.reserve_fd = self._open_reserve()
+        self._start_accepting()
+        self.row[stats.STATE] = stats.STATE_ACCEPTING
+        self._publish()
+        try:
+            self._loop()
+        finally:
+            self._publish()
+        return 0
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poll, read, write, monotonic = self.ep.poll, os.read, os.write, time.monotonic
+        table, last, size = self.table, self.last, self.read_size
+        slow = self._event
+        received = sent = 0
+        while True:
+            timeout = max(0.0, self.next_housekeeping - monotonic())
+            events = poll(timeout, MAX_EVENTS)
+            now = monotonic()
+            tick = self.tick = int(now)
+            for fd, ev in events:
+                state = table[fd]
+                if state is None and ev == EPOLLIN:
+                    try:
+                        data = read(fd, size)
+                    except OSError:
+                        slow(fd, ev, state)
+                        continue
+                    if not data:
+                        self._eof(fd, None)
+                        continue
+                    last[fd] = tick
+                    received += len(data)
+                    try:
+                        n = write(fd, data)
+                    except BlockingIOError:
+                        n = 0
+                    except OSError as exc:
+                        self._close(fd, "error", exc)
+                        continue
+                    sent += n
+                    if n != len(data):
+                        self._buffer(fd, data, n)
+                else:
+                    slow(fd, ev, state)
+            if now >= self.next_housekeeping or self.signalled:
+                self.counts[stats.RECEIVED_BYTES] += received
+                self.counts[stats.SENT_BYTES] += sent
+                received = sent = 0
+                if self._housekeeping(now):
+                    return
+
+    def _event(self, fd: int, ev: int, state: Any) -> None:
+        if state is _CLOSED:
+            return
+        if state.__class__ is _Listener:
+            self._accept(state.sock)
+            return
+        if state is _WAKEUP:
+            self._drain_wakeup()
+            return
+        if ev & EPOLLERR:
+            self._fail(fd)
+            return
+        if state is not None and ev & (EPOLLOUT | EPOLLHUP):
+            self._flush(fd, state)
+            state = self.table[fd]
+            if state is _CLOSED:
+                return
+        if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            self._read(fd, state)
+
+    # -- connection events ----------------------------------------------------------------------
+    def _read(self, fd: int, conn: Connection | None) -> None:
+        if conn is not None and (conn.paused or conn.eof):
+            return
+        try:
+            data = os.read(fd, self.read_size)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close(fd, "error", exc)
+            return
+        if not data:
+            self._eof(fd, conn)
+            return
+        if conn.__class__ is Closing:
+            self.counts[stats.DROPPED_BYTES] += len(data)
+            return
+        self.last[fd] = self.tick
+        self.counts[stats.RECEIVED_BYTES] += len(data)
+        if conn is None:
+            self._echo(fd, data)
+        else:
+            conn.append(data)
+            self.buffered += len(data)
+            self._maybe_pause(fd, conn)
+
+    def _echo(self, fd: int, data: bytes) -> None:
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._close(fd, "error", exc)
+            return
+        self.counts[stats.SENT_BYTES] += n
+        if n != len(data):
+            self._buffer(fd, data, n)
+
+    def _buffer(self, fd: int, data: bytes, sent: int) -> None:
+        """The kernel took only `sent` bytes of `data`: keep the rest and wait for EPOLLOUT."""
+        conn = Connection(memoryview(data)[sent:])
+        self.table[fd] = conn
+        self.buffered += len(conn)
+        self.counts[stats.PARTIAL_WRITES] += 1
+        if not self._maybe_pause(fd, conn):
+            self.ep.modify(fd, READING | EPOLLOUT)
+
+    def _maybe_pause(self, fd: int, conn: Connection) -> bool:
+        if not self.marks.should_pause(conn):
+            return False
+        conn.paused = True
+        self.counts[stats.BACKPRESSURE_PAUSES] += 1
+        self.ep.modify(fd, EPOLLOUT)
+        return True
+
+    def _flush(self, fd: int, conn: Connection) -> None:
+        try:
+            n = conn.flush(fd)
+        except OSError as exc:
+            self._close(fd, "error", exc)
+            return
+        self.counts[stats.SENT_BYTES] += n
+        self.buffered -= n
+        if n:
+            self.last[fd] = self.tick
+        if conn.buf:
+            if self.marks.should_resume(conn) and not conn.eof:
+                conn.paused = False
+                self.ep.modify(fd, READING | EPOLLOUT)
+        elif conn.__class__ is Closing:
+            self._shut(fd, conn)
+        elif conn.eof:
+            self._close(fd, "client")
+        else:
+            self.table[fd] = None
+            self.ep.modify(fd, READING)
+
+    def _eof(self, fd: int, conn: Connection | None) -> None:
+        """The client half-closed: send back everything read, then close our side."""
+        if conn is None or not conn.buf:
+            self._close(fd, "shutdown" if conn.__class__ is Closing else "client")
+            return
+        conn.eof = True
+        self.ep.modify(fd, EPOLLOUT)
+
+    def _fail(self, fd: int) -> None:
+        # EPOLLERR: the next read reports the real error (ECONNRESET, ETIMEDOUT...), as asyncio does.
+        try:
+            os.read(fd, 1)
+            error: OSError | None = None
+        except OSError as exc:
+            error = exc
+        self._close(fd, "error", error)
+
+    def _close(self, fd: int, reason: str, error: OSError | None = None) -> None:
+        conn = self.table[fd]
+        if conn is not None and conn.buf:
+            pending = len(conn.buf)
+            self.buffered -= pending
+            self.counts[stats.DROPPED_BYTES] += pending
+        self.table[fd] = _CLOSED
+        if self.wheel is not None:
+            self.wheel.remove(fd)
+        os.close(fd)  # also removes it from the epoll set: nothing else holds this file
+        self.open -= 1
+        self.counts[stats.CLOSE_REASONS[reason]] += 1
+        if error is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("connection closed on error: %s", error.strerror or error)
+
+    # -- accepting ------------------------------------------------------------------------------
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._shed(lsock)
+                    return
+                continue  # ECONNABORTED, EPROTO...: that connection is gone, the next may not be
+            fd = conn.detach()
+            if self.open >= self.max_connections:
+                os.close(fd)
+                self.counts[stats.REJECTED_LIMIT] += 1
+                continue
+            os.set_blocking(fd, False)
+            self._grow(fd)
+            self.table[fd] = None
+            self.last[fd] = self.tick
+            self.ep.register(fd, READING)
+            if self.wheel is not None:
+                self.wheel.add(fd, self.tick)
+            self.open += 1
+            self.counts[stats.ACCEPTED] += 1
+
+    def _shed(self, lsock: socket.socket) -> None:
+        """Out of descriptors: free the reserve fd to accept-and-close what is queued (libuv's trick).
+
+        Without this, level-triggered epoll would report the listener ready forever and spin the CPU.
+        If even the reserve cannot be had back, stop accepting for a moment instead.
+        """
+        if self.reserve_fd >= 0:
+            os.close(self.reserve_fd)
+            self.reserve_fd = -1
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _addr = lsock.accept()
+                except OSError:
+                    break
+                conn.close()
+                self.counts[stats.REJECTED_EMFILE] += 1
+            self.reserve_fd = self._open_reserve()
+        if self.reserve_fd < 0 and self.accepting:
+            log.warning("out of file descriptors: not accepting for %.0f s", EMFILE_PAUSE)
+            self._stop_accepting()
+            self.accept_resume_at = time.monotonic() + EMFILE_PAUSE
+
+    @staticmethod
+    def _open_reserve() -> int:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def _grow(self, fd: int) -> None:
+        if fd >= len(self.table):
+            extra = max(fd + 1, 2 * len(self.table)) - len(self.table)
+            self.table.extend([_CLOSED] * extra)
+            self.last.extend([0] * extra)
+
+    # -- once a second ----------------------------------------------------------------------------
+    def _housekeeping(self, now: float) -> bool:
+        """Periodic work; returns True when the worker should exit."""
+        self.next_housekeeping = now + 1.0
+        self._handle_signals()
+        if self.wheel is not None and self.close_deadline is None:
+            for fd in self.wheel.expired(self.tick):
+                self._close(fd, "timeout")
+        if self.accept_resume_at and now >= self.accept_resume_at:
+            self.accept_resume_at = 0.0
+            self.reserve_fd = self._open_reserve()
+            self._start_accepting()
+        if os.getppid() != self.master_pid and self.close_deadline is None:
+            log.warning("master %d is gone: stopping", self.master_pid)
+            self._begin_close(now)
+        self._publish()
+        return self._stop_due(now)
+
+    def _publish(self) -> None:
+        row = self.row
+        for field, value in enumerate(self.counts):
+            row[field] = value
+        row[stats.ACTIVE] = self.open
+        row[stats.BUFFERED] = self.buffered
+        row[stats.HEARTBEAT_MS] = stats.monotonic_ms()
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wakeup_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        self.next_housekeeping = 0.0  # handle the signals on this very turn
+
+    def _handle_signals(self) -> None:
+        now = time.monotonic()
+        while self.signalled:
+            signum = self.signalled.pop(0)
+            if signum == signal.SIGUSR1:
+                from .logs import reopen
+
+                reopen()
+            elif signum == signal.SIGTERM and self.drain_deadline is None:
+                self._retire()
+                self.drain_deadline = now + self.settings.shutdown_timeout
+            elif signum in (signal.SIGINT, signal.SIGQUIT):
+                self._retire()
+                self._begin_close(now)
+
+    def _retire(self) -> None:
+        if self.row[stats.STATE] != stats.STATE_DRAINING:
+            self.row[stats.STATE] = stats.STATE_DRAINING
+            self._stop_accepting()
+            self.accept_resume_at = 0.0
+            for sock in self.listeners:
+                sock.close()  # our copy only: the master keeps the socket and its queue
+
+    # -- stopping -------------------------------------------------------------------------------
+    def _stop_due(self, now: float) -> bool:
+        if self.drain_deadline is None and self.close_deadline is None:
+            return False
+        if self.open == 0:
+            return True
+        if self.close_deadline is None and self.drain_deadline is not None and now >= self.drain_deadline:
+            self._begin_close(now)
+        if self.close_deadline is not None and now >= self.close_deadline:
+            self._close_all()
+            return True
+        return False
+
+    def _begin_close(self, now: float) -> None:
+        """Stop echoing: flush what was read, shut our side, discard the rest until the client's FIN."""
+        if self.close_deadline is not None:
+            return
+        self._retire()
+        self.close_deadline = now + FLUSH_GRACE
+        for fd, state in enumerate(self.table):
+            if state is None or isinstance(state, Connection):
+                closing = Closing(state.buf if state is not None else b"")
+                self.table[fd] = closing
+                if closing.buf:
+                    self.ep.modify(fd, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
+                else:
+                    self._shut(fd, closing)
+
+    def _shut(self, fd: int, conn: Closing) -> None:
+        if conn.shut:
+            return
+        conn.shut = True
+        sock = _sock_for(fd)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            sock.detach()
+            self._close(fd, "error", exc)
+            return
+        sock.detach()
+        if conn.eof:  # the client's FIN is already in: nothing left to wait for
+            self._close(fd, "shutdown")
+        else:
+            self.ep.modify(fd, EPOLLIN | EPOLLRDHUP)
+
+    def _close_all(self) -> None:
+        for fd, state in enumerate(self.table):
+            if state is None or isinstance(state, Connection):
+                self._close(fd, "shutdown")
