@@ -131,10 +131,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def render_toml(values: dict[str, Any]) -> str:
     # JSON scalars and arrays of them are valid TOML values, which is all the settings use.
-    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    # ensure_ascii=False: TOML has no surrogate-pair escapes for characters outside the BMP.
+    def dump(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = [f"{key} = {dump(value)}" for key, value in values.items() if not isinstance(value, dict)]
     for key, value in values.items():
         if isinstance(value, dict):
-            lines += ["", f"[{key}]"] + [f"{sub} = {json.dumps(item)}" for sub, item in value.items()]
+            lines += ["", f"[{key}]"] + [f"{sub} = {dump(item)}" for sub, item in value.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +178,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     master, code = prepare(args)
     if master is None:
         return code
+    from .daemon import drop_privileges
+
+    try:
+        drop_privileges(master.settings.daemon.user, master.settings.daemon.group)
+    except (OSError, KeyError) as exc:
+        print(f"echod: cannot drop privileges: {exc}", file=sys.stderr)
+        return EX_RUNTIME
     try:
         return master.run()
     except Exception:

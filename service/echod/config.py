@@ -91,6 +91,17 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
 
+    @field_validator(
+        "workers", "backlog", "max_connections", "read_size", "write_buffer_high", "write_buffer_low",
+        "idle_timeout", "shutdown_timeout", "heartbeat_timeout", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _not_bool(cls, value: Any) -> Any:
+        # Lax mode would read TOML `workers = true` as 1.
+        if isinstance(value, bool):
+            raise ValueError("expected a number, not a boolean")
+        return value
+
     @field_validator("listen", mode="before")
     @classmethod
     def _split_listen(cls, value: Any) -> Any:
@@ -161,24 +172,24 @@ def config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None
 
 def load_settings(overrides: Mapping[str, Any] | None = None, path: Path | None = None) -> Settings:
     """Build and validate the settings, or raise ConfigError naming every bad key."""
-    if path is not None:
-        _check_file(path)
+    file_values = _read_file(path) if path is not None else {}
+    _check_environment(os.environ)
     token = _toml_path.set(path)
     try:
         return Settings(**dict(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError("\n".join(_describe(exc, path))) from None
+        raise ConfigError("\n".join(_describe(exc, path, file_values))) from None
     except SettingsError as exc:
         raise ConfigError(f"environment: {exc.__cause__ or exc}") from None
     finally:
         _toml_path.reset(token)
 
 
-def _check_file(path: Path) -> None:
+def _read_file(path: Path) -> dict[str, Any]:
     # pydantic-settings silently ignores a missing TOML file and lets TOMLDecodeError escape.
     try:
         with path.open("rb") as handle:
-            tomllib.load(handle)
+            return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file does not exist") from None
     except OSError as exc:
@@ -187,12 +198,34 @@ def _check_file(path: Path) -> None:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _describe(exc: ValidationError, path: Path | None) -> Iterator[str]:
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """A misspelt ECHOD_* variable is an error, as a misspelt key in the file is."""
+    known = {"ECHOD_CONFIG"}
+    for name, field in Settings.model_fields.items():
+        known.add(f"ECHOD_{name.upper()}")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            known.update(f"ECHOD_{name.upper()}__{sub.upper()}" for sub in annotation.model_fields)
+    unknown = sorted(key for key in environ if key.upper().startswith("ECHOD_") and key.upper() not in known)
+    if unknown:
+        raise ConfigError("\n".join(f"{key}: unknown environment variable" for key in unknown))
+
+
+def _in_file(values: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
+    node: Any = values
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _describe(exc: ValidationError, path: Path | None, file_values: Mapping[str, Any]) -> Iterator[str]:
     for error in exc.errors(include_url=False):
         key = ".".join(str(part) for part in error["loc"]) or "(settings)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            where = f" in {path}" if path else ""
+            where = f" in {path}" if path and _in_file(file_values, error["loc"]) else ""
             yield f"{key}: unknown key{where}"
         elif error["loc"]:
             yield f"{key}: invalid value {error['input']!r}: {message}"

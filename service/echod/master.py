@@ -7,6 +7,7 @@ reaps ever runs inside a handler.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -30,6 +31,7 @@ HANDLED_SIGNALS = (
 )  # fmt: skip
 QUICK_DEATH = 2.0  # a worker that dies younger than this counts towards crash-loop backoff
 MAX_BACKOFF = 30.0
+PR_SET_NAME = 15  # prctl(2)
 KILL_GRACE = 5.0  # seconds past a stop's own deadline before stragglers get SIGKILL
 READY_TIMEOUT = 30.0  # seconds a new generation has to start accepting during a reload
 
@@ -76,6 +78,8 @@ class Master:
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> int:
+        self.pid = os.getpid()  # daemonizing forks between __init__ and here
+        set_process_name("echod-master")
         self._install_signals()
         self._publish_state()
         self._start_metrics()
@@ -151,13 +155,16 @@ class Master:
     def _spawn(self, slot: int) -> None:
         listeners = self.listeners.slot(slot)
         row = self.stats.claim_row(0, slot, self.generation)
-        pid = self._fork(lambda: Worker(self.settings, listeners, self.stats.row(row), self.pid).run(),
-                         keep=listeners)  # fmt: skip
+        pid = self._fork(
+            lambda: Worker(self.settings, listeners, self.stats.row(row), self.pid).run(),
+            keep=listeners,
+            name=f"echod-worker-{slot}",
+        )
         self.stats.row(row)[stats.PID] = pid
         self.workers[pid] = WorkerProc(pid, slot, self.generation, row, time.monotonic())
         log.debug("worker %d started in slot %d (generation %d)", pid, slot, self.generation)
 
-    def _fork(self, body: Callable[[], int], keep: list[socket.socket]) -> int:
+    def _fork(self, body: Callable[[], int], keep: list[socket.socket], name: str) -> int:
         # Signals stay blocked across fork so that none reaches the child's copy of our handlers.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
@@ -171,6 +178,7 @@ class Master:
         code = 1
         try:
             self._become_child(keep)
+            set_process_name(name)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             code = body()
         except BaseException:
@@ -397,7 +405,9 @@ class Master:
         from . import metrics  # only the metrics process needs prometheus_client
 
         sock, timeout = self.metrics_sock, self.settings.heartbeat_timeout
-        self.metrics_pid = self._fork(lambda: metrics.serve(sock, self.stats, timeout, self.pid), keep=[sock])
+        self.metrics_pid = self._fork(
+            lambda: metrics.serve(sock, self.stats, timeout, self.pid), keep=[sock], name="echod-metrics"
+        )
 
     def _stop_metrics(self) -> None:
         if self.metrics_pid:
@@ -416,6 +426,15 @@ class Master:
 
     def _status_line(self) -> str:
         return f"generation {self.generation}, {self.wanted} workers"
+
+
+def set_process_name(name: str) -> None:
+    """Set /proc/self/comm, which ps, top and pkill show: tells master, workers and metrics apart."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def bind_metrics(listen: str) -> socket.socket | None:

@@ -1,0 +1,35 @@
+# echod: `make run` serves on 127.0.0.1:7007 with the built-in defaults; `make test` runs everything.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint unit system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/echod run
+
+# Debian packages the integration tests drive for real (promtool, prometheus, haproxy, systemd-analyze).
+system-deps:
+	@sh tests/install-system-deps.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
+
+test: $(STAMP) system-deps lint
+	$(BIN)/pytest tests
+
+unit: $(STAMP)
+	$(BIN)/pytest tests -m "not integration"
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build service/*.egg-info .pytest_cache .ruff_cache

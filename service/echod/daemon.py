@@ -1,0 +1,254 @@
+"""SysV-style daemon mode: `echod start | stop | reload | status`, a flock'd pidfile, privilege drop.
+
+`start` binds everything in the launching process (so "address in use" is reported there), then forks a
+child that daemonizes with python-daemon. The daemon reports over a pipe once every worker accepts, or
+why it could not start, and `start` exits with that result: it never returns 0 for a daemon that died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import grp
+import os
+import pwd
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, config_path, load_settings
+
+EX_RUNTIME = 1
+READY_TIMEOUT = 60.0
+
+# LSB init-script status codes.
+STATUS_RUNNING = 0
+STATUS_DEAD_PIDFILE = 1
+STATUS_NOT_RUNNING = 3
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class PidFile:
+    """A pidfile guarded by `flock`: the kernel drops the lock when the daemon dies, so a stale file
+    never blocks a start, and a second instance is refused while the first holds it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.fd = -1
+
+    def __enter__(self) -> PidFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(
+                f"already running (pid {read_pid(self.path)}, pidfile {self.path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_locked(path: Path) -> bool:
+    """True while a live daemon holds the pidfile's lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def running_pid(path: Path) -> int | None:
+    pid = read_pid(path)
+    return pid if pid is not None and is_locked(path) else None
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Switch to `user`/`group` after binding; raise PermissionError rather than keep running as root."""
+    if not user and not group:
+        return
+    gid = grp.getgrnam(group).gr_gid if group else None
+    uid = pwd.getpwnam(user).pw_uid if user else None
+    if gid is None and uid is not None:
+        gid = pwd.getpwuid(uid).pw_gid
+    if os.getuid() == 0 and gid is not None:
+        os.setgroups([])
+    if gid is not None:
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+        if os.getuid() == 0 or os.geteuid() == 0:
+            raise PermissionError(f"still root after switching to {user!r}")
+
+
+# -- commands ------------------------------------------------------------------------------------
+def _pidfile_path(args: argparse.Namespace) -> Path | int:
+    if args.pidfile:
+        return Path(args.pidfile)
+    try:
+        settings = load_settings({}, config_path(args.config, os.environ))
+    except ConfigError as exc:
+        print(f"echod: invalid configuration:\n  {exc}", file=sys.stderr)
+        return 78
+    return Path(settings.daemon.pidfile)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = _pidfile_path(args)
+    if isinstance(path, int):
+        return path
+    pid = running_pid(path)
+    if pid is not None:
+        print(f"echod is running (pid {pid})")
+        return STATUS_RUNNING
+    if path.exists():
+        print(f"echod is not running, but {path} exists")
+        return STATUS_DEAD_PIDFILE
+    print("echod is not running")
+    return STATUS_NOT_RUNNING
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    path = _pidfile_path(args)
+    if isinstance(path, int):
+        return path
+    pid = running_pid(path)
+    if pid is None:
+        print("echod is not running", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    path = _pidfile_path(args)
+    if isinstance(path, int):
+        return path
+    pid = running_pid(path)
+    if pid is None:
+        print("echod is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while is_locked(path):
+        if time.monotonic() > deadline:
+            print(f"echod (pid {pid}) still running after {args.timeout:g} s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"echod stopped (pid {pid})")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from .cli import load_from_args, prepare
+
+    try:
+        settings = load_from_args(args)()
+    except ConfigError:
+        settings = None  # prepare() reports it with the right exit code
+    if settings is not None and (pid := running_pid(Path(settings.daemon.pidfile))) is not None:
+        print(f"echod: already running (pid {pid}, pidfile {settings.daemon.pidfile})", file=sys.stderr)
+        return EX_RUNTIME
+    master, code = prepare(args)
+    if master is None:
+        return code
+    ready_r, ready_w = os.pipe()
+    if os.fork():
+        os.close(ready_w)
+        master.listeners.close()
+        return _await_ready(ready_r)
+    os.close(ready_r)
+    os._exit(_daemon_main(master, ready_w))
+
+
+def _await_ready(ready_r: int) -> int:
+    """The launcher: wait for the daemon's word (or its death, seen as EOF on the pipe)."""
+    with os.fdopen(ready_r, "rb") as pipe:
+        message = b""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            chunk = pipe.read1(4096)  # type: ignore[attr-defined]
+            if not chunk:
+                break
+            message += chunk
+            if message.endswith(b"\n"):
+                break
+    text = message.decode(errors="replace").strip()
+    if text == "ready":
+        return 0
+    print(f"echod: could not start: {text or 'the daemon exited before it was ready'}", file=sys.stderr)
+    return EX_RUNTIME
+
+
+def _daemon_main(master: object, ready_w: int) -> int:
+    import daemon  # python-daemon
+
+    from . import logs
+    from .master import Master
+
+    assert isinstance(master, Master)
+    settings = master.settings
+    keep = [*master.listeners.filenos(), ready_w]
+    if master.metrics_sock is not None:
+        keep.append(master.metrics_sock.fileno())
+
+    def report(text: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(ready_w, (text.replace("\n", "; ") + "\n").encode())
+            os.close(ready_w)
+
+    master.on_ready = lambda: report("ready")
+    context = daemon.DaemonContext(
+        files_preserve=keep,
+        pidfile=PidFile(settings.daemon.pidfile),
+        umask=0o022,
+        working_directory="/",
+        detach_process=True,
+        signal_map={},
+        stderr=sys.stderr if not settings.log.file else None,
+    )
+    try:
+        context.open()
+        logs.setup(settings.log.level, settings.log.format, settings.log.file)
+        drop_privileges(settings.daemon.user, settings.daemon.group)
+    except (AlreadyRunning, OSError, KeyError) as exc:
+        report(str(exc) if not isinstance(exc, KeyError) else f"unknown user or group {exc}")
+        return EX_RUNTIME
+    except daemon.daemon.DaemonOSEnvironmentError as exc:
+        report(str(exc))
+        return EX_RUNTIME
+    try:
+        return master.run()
+    except Exception as exc:  # the launcher must hear why, not just see EOF
+        report(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        context.close()  # removes the pidfile; os._exit() below would skip python-daemon's atexit hook

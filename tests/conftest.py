@@ -1,0 +1,231 @@
+"""Test harness: spawn the real `echod run` on free loopback ports and talk to it over real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ECHOD = [sys.executable, "-m", "echod"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll until predicate() is truthy; fail the test (never hang) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(part) for part in text.split()]
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Daemon:
+    """A spawned `echod run` and helpers to observe it."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None, listen: list[str],
+                 metrics_port: int | None) -> None:  # fmt: skip
+        self.tmp = tmp
+        self.listen = listen
+        self.metrics_port = metrics_port
+        self.log_path = tmp / f"echod-{len(list(tmp.glob('echod-*.log')))}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ECHOD_", "NOTIFY_SOCKET"))}
+        if "--config" not in args:  # never pick up a real /etc/echod/echod.toml
+            empty = tmp / "empty.toml"
+            empty.touch()
+            full_env["ECHOD_CONFIG"] = str(empty)
+        full_env.update(env or {})
+        self.log_file = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*ECHOD, "run", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.listen[0].rsplit(":", 1)[1])
+
+    @property
+    def host(self) -> str:
+        return self.listen[0].rsplit(":", 1)[0].strip("[]")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 15.0) -> Daemon:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"echod exited with {self.proc.returncode}:\n{self.log()}")
+            return "ready:" in self.log()
+
+        wait_for(ready, timeout, "echod to become ready")
+        return self
+
+    def workers(self) -> list[int]:
+        return sorted(
+            pid for pid in children(self.pid) if comm(pid).startswith("echod-worker") and alive(pid)
+        )
+
+    def metrics_process(self) -> int | None:
+        return next((pid for pid in children(self.pid) if comm(pid) == "echod-metrics"), None)
+
+    def connect(self, index: int = 0, timeout: float = 10.0) -> socket.socket:
+        host, port = self.listen[index].rsplit(":", 1)
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def http(self, path: str) -> tuple[int, str]:
+        assert self.metrics_port is not None, "metrics are off for this daemon"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """Samples by name with labels folded in: 'echod_connections_closed_total{reason="client"}'."""
+        status, text = self.http("/metrics")
+        assert status == 200, text
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"echod did not exit within {timeout} s:\n{self.log()}") from None
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.send_signal(signum)
+        return self.wait_exit(timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self.log_file.close()
+
+
+DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture
+def echod(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Factory: echod(workers=2, extra=[...], env={...}, metrics=True, listen=[...], ready=True)."""
+    spawned: list[Daemon] = []
+
+    def start(
+        *extra: str,
+        workers: int = 2,
+        listen: list[str] | None = None,
+        metrics: bool = True,
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+    ) -> Daemon:
+        listen = listen or [f"127.0.0.1:{free_port()}"]
+        metrics_port = free_port() if metrics else None
+        args = ["--workers", str(workers), "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics else ""]
+        for address in listen:
+            args += ["--listen", address]
+        daemon = Daemon(tmp_path, [*args, *extra], env, listen, metrics_port)
+        spawned.append(daemon)
+        return daemon.wait_ready() if ready else daemon
+
+    yield start
+    for daemon in spawned:
+        daemon.kill()
+
+
+def echo_roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    return recv_exactly(sock, len(payload))
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        data = sock.recv(min(1 << 20, size - len(chunks)))
+        if not data:
+            break
+        chunks += data
+    return bytes(chunks)

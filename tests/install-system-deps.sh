@@ -1,0 +1,18 @@
+#!/bin/sh
+# Installs the Debian packages that the integration tests drive for real. Idempotent and quiet when
+# everything is already there; needs root (or sudo) only when something is missing.
+set -eu
+need=""
+command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+command -v haproxy >/dev/null 2>&1 || need="$need haproxy"
+command -v systemd-socket-activate >/dev/null 2>&1 || need="$need systemd"
+command -v logrotate >/dev/null 2>&1 || need="$need logrotate"
+[ -z "$need" ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing Debian packages:$need"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+# policy-rc.d keeps the packages' own services from starting; the tests start what they need.
+$sudo apt-get install -y -qq --no-install-recommends $need >/dev/null

@@ -1,0 +1,598 @@
+"""Unit tests of the pieces the worker is built from; no daemon is started.
+
+Sockets are real (socketpair, loopback TCP) and every blocking call has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+from conftest import free_port, has_ipv6
+from echod.connection import Connection, Watermarks
+from echod.idle import IdleWheel
+from echod.listeners import Address, BindError, ListenerSet, parse_address
+
+# -- Watermarks ------------------------------------------------------------------------------------
+
+
+def conn_with(size: int, paused: bool = False) -> Connection:
+    conn = Connection(b"x" * size)
+    conn.paused = paused
+    return conn
+
+
+def test_watermarks_pause_at_high() -> None:
+    marks = Watermarks(high=100, low=10)
+    assert not marks.should_pause(conn_with(99))
+    assert marks.should_pause(conn_with(100))
+    assert marks.should_pause(conn_with(5000))
+    # already paused: no second pause
+    assert not marks.should_pause(conn_with(100, paused=True))
+
+
+def test_watermarks_resume_at_low() -> None:
+    marks = Watermarks(high=100, low=10)
+    assert not marks.should_resume(conn_with(11, paused=True))
+    assert not marks.should_resume(conn_with(99, paused=True))
+    assert marks.should_resume(conn_with(10, paused=True))
+    assert marks.should_resume(conn_with(0, paused=True))
+    # not paused: nothing to resume
+    assert not marks.should_resume(conn_with(0))
+
+
+def test_watermarks_hysteresis_cycle() -> None:
+    marks = Watermarks(high=8, low=2)
+    conn = Connection()
+    conn.append(b"1234567")
+    assert not marks.should_pause(conn)
+    conn.append(b"8")
+    assert marks.should_pause(conn)
+    conn.paused = True
+    del conn.buf[:5]  # 3 left: between low and high, stays paused
+    assert not marks.should_resume(conn)
+    assert not marks.should_pause(conn)
+    del conn.buf[:1]
+    assert marks.should_resume(conn)
+
+
+@pytest.mark.parametrize(("high", "low"), [(10, 10), (10, 11), (0, 0), (10, -1), (-5, -10)])
+def test_watermarks_reject_bad_order(high: int, low: int) -> None:
+    with pytest.raises(ValueError, match="low"):
+        Watermarks(high=high, low=low)
+
+
+def test_watermarks_accept_smallest_valid() -> None:
+    marks = Watermarks(high=1, low=0)
+    assert (marks.high, marks.low) == (1, 0)
+    assert marks.should_pause(conn_with(1))
+    assert marks.should_resume(conn_with(0, paused=True))
+
+
+# -- Connection.flush ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(writer, reader): the writer non-blocking like a worker's connection, the reader with a timeout."""
+    writer, reader = socket.socketpair()
+    writer.setblocking(False)
+    reader.settimeout(5)
+    try:
+        yield writer, reader
+    finally:
+        writer.close()
+        reader.close()
+
+
+def drain(sock: socket.socket) -> bytes:
+    """Everything the socket has ready now, without waiting."""
+    data = bytearray()
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.settimeout(5)
+    return bytes(data)
+
+
+def test_flush_partial_then_would_block_then_rest(pair: tuple[socket.socket, socket.socket]) -> None:
+    writer, reader = pair
+    payload = os.urandom(4 << 20)  # far more than a socket buffer holds
+    conn = Connection(payload)
+
+    first = conn.flush(writer.fileno())
+    assert 0 < first < len(payload), "the kernel cannot take 4 MiB at once"
+    assert len(conn) == len(payload) - first
+    # Keep flushing without reading: the peer's buffer fills up and flush reports 0, keeping the rest.
+    sent = first
+    for _ in range(1000):
+        n = conn.flush(writer.fileno())
+        if n == 0:
+            break
+        sent += n
+    else:
+        pytest.fail("flush never reported a full buffer")
+    assert 0 < len(conn) == len(payload) - sent
+    assert conn.flush(writer.fileno()) == 0
+    assert len(conn) == len(payload) - sent
+
+    # Drain the peer and flush the rest.
+    received = bytearray()
+    for _ in range(100_000):
+        received += drain(reader)
+        if not conn.buf:
+            break
+        sent += conn.flush(writer.fileno())
+    else:
+        pytest.fail("buffer never drained")
+    assert sent == len(payload)
+    while len(received) < len(payload):
+        chunk = reader.recv(1 << 20)
+        assert chunk, "peer closed early"
+        received += chunk
+    assert bytes(received) == payload
+
+
+def test_flush_keeps_order_across_appends(pair: tuple[socket.socket, socket.socket]) -> None:
+    writer, reader = pair
+    first = os.urandom(2 << 20)
+    second = os.urandom(1 << 20)
+    conn = Connection(first)
+    assert conn.flush(writer.fileno()) > 0
+    conn.append(second)  # arrives while the first part is still pending
+    received = bytearray()
+    for _ in range(100_000):
+        conn.flush(writer.fileno())
+        received += drain(reader)
+        if not conn.buf and len(received) == len(first) + len(second):
+            break
+    assert bytes(received) == first + second
+
+
+def test_flush_whole_small_buffer(pair: tuple[socket.socket, socket.socket]) -> None:
+    writer, reader = pair
+    conn = Connection(b"hello")
+    assert conn.flush(writer.fileno()) == 5
+    assert len(conn) == 0
+    assert reader.recv(100) == b"hello"
+    assert conn.flush(writer.fileno()) == 0  # nothing pending, nothing sent
+
+
+def test_flush_to_closed_peer_raises(pair: tuple[socket.socket, socket.socket]) -> None:
+    writer, reader = pair
+    reader.close()
+    conn = Connection(b"x" * 10)
+    with pytest.raises(OSError) as info:
+        conn.flush(writer.fileno())
+    assert not isinstance(info.value, BlockingIOError)
+    assert len(conn) == 10  # nothing was sent, nothing forgotten (the worker counts it as dropped)
+
+
+def test_flush_to_reset_tcp_peer_raises() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(5)
+        client = socket.create_connection(server.getsockname(), timeout=5)
+        accepted, _ = server.accept()
+        with client, accepted:
+            accepted.setblocking(False)
+            # RST from the client: SO_LINGER with a zero timeout.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            select.select([accepted], [], [], 5)
+            conn = Connection(b"y" * 1000)
+            with pytest.raises(OSError) as info:
+                for _ in range(100):
+                    conn.flush(accepted.fileno())
+            assert not isinstance(info.value, BlockingIOError)
+
+
+def test_connection_copies_its_input() -> None:
+    source = bytearray(b"abcdef")
+    conn = Connection(memoryview(source)[1:4])
+    source[:] = b"zzzzzz"
+    assert bytes(conn.buf) == b"bcd"
+
+
+def test_many_small_appends_keep_one_bytearray() -> None:
+    conn = Connection()
+    buf = conn.buf
+    count = 100_000
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(count):
+            conn.append(i.to_bytes(3, "big"))  # a fresh bytes object per chunk
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert conn.buf is buf
+    assert type(conn.buf) is bytearray
+    assert len(conn) == 3 * count
+    assert bytes(conn.buf) == b"".join(i.to_bytes(3, "big") for i in range(count))
+    # 300 kB of payload; an object (or even a list slot) per chunk would cost several MB.
+    assert after - before < 1_000_000, f"{after - before} bytes for {3 * count} bytes of data"
+    assert not hasattr(conn, "__dict__")
+
+
+# -- IdleWheel ---------------------------------------------------------------------------------------
+
+
+def drain_wheel(wheel: IdleWheel, tick: int) -> list[int]:
+    return sorted(wheel.expired(tick))
+
+
+def test_wheel_expires_exactly_after_timeout() -> None:
+    last = [0] * 16
+    wheel = IdleWheel(5, last, tick=100)
+    last[3] = 100
+    wheel.add(3, 100)
+    assert len(wheel) == 1
+    for tick in range(101, 105):
+        assert drain_wheel(wheel, tick) == [], f"expired at tick {tick}, only {tick - 100} s idle"
+    assert drain_wheel(wheel, 105) == [3]
+    assert len(wheel) == 0
+    assert drain_wheel(wheel, 200) == []  # forgotten once expired
+
+
+def test_wheel_traffic_reschedules() -> None:
+    last = [0] * 16
+    wheel = IdleWheel(5, last, tick=0)
+    last[4] = 0
+    wheel.add(4, 0)
+    assert drain_wheel(wheel, 2) == []
+    last[4] = 3  # traffic at tick 3: now due at 8
+    assert drain_wheel(wheel, 5) == []
+    assert len(wheel) == 1
+    assert drain_wheel(wheel, 7) == []
+    last[4] = 7  # traffic again: due at 12
+    assert drain_wheel(wheel, 8) == []
+    assert drain_wheel(wheel, 11) == []
+    assert drain_wheel(wheel, 12) == [4]
+    assert len(wheel) == 0
+
+
+def test_wheel_traffic_at_deadline_tick_reschedules() -> None:
+    last = [0] * 8
+    wheel = IdleWheel(3, last, tick=0)
+    wheel.add(1, 0)
+    last[1] = 3  # traffic in the very second the deadline falls
+    assert drain_wheel(wheel, 3) == []
+    assert drain_wheel(wheel, 5) == []
+    assert drain_wheel(wheel, 6) == [1]
+
+
+def test_wheel_only_idle_connections_expire() -> None:
+    last = [0] * 32
+    wheel = IdleWheel(10, last, tick=0)
+    for fd in range(5, 15):
+        wheel.add(fd, 0)
+    for tick in range(1, 10):
+        for fd in range(5, 15, 2):  # the odd fds keep talking
+            last[fd] = tick
+        assert drain_wheel(wheel, tick) == []
+    assert drain_wheel(wheel, 10) == [6, 8, 10, 12, 14]
+    assert len(wheel) == 5
+    assert drain_wheel(wheel, 18) == []
+    assert drain_wheel(wheel, 19) == [5, 7, 9, 11, 13]
+    assert len(wheel) == 0
+
+
+def test_wheel_remove_forgets() -> None:
+    last = [0] * 16
+    wheel = IdleWheel(5, last, tick=0)
+    wheel.add(3, 0)
+    wheel.add(4, 0)
+    wheel.remove(3)
+    wheel.remove(3)  # twice is harmless
+    wheel.remove(9)  # never added: harmless
+    assert len(wheel) == 1
+    assert drain_wheel(wheel, 5) == [4]
+    assert drain_wheel(wheel, 1000) == []
+    assert len(wheel) == 0
+
+
+def test_wheel_reuse_of_fd_after_remove() -> None:
+    last = [0] * 16
+    wheel = IdleWheel(5, last, tick=0)
+    wheel.add(3, 0)
+    wheel.remove(3)  # closed at tick 0
+    last[3] = 4
+    wheel.add(3, 4)  # a new connection on the same fd at tick 4
+    assert drain_wheel(wheel, 5) == []
+    assert drain_wheel(wheel, 8) == []
+    assert drain_wheel(wheel, 9) == [3]
+
+
+def test_wheel_far_future_tick_processes_every_bucket() -> None:
+    last = [0] * 64
+    wheel = IdleWheel(7, last, tick=0)
+    for fd in range(10, 50):
+        tick = fd % 13
+        last[fd] = tick
+        wheel.add(fd, tick)
+    for fd in range(10, 50, 3):
+        last[fd] += 20  # some had traffic later: rescheduled first, still due long before the end
+    last[60] = 500_000
+    wheel.add(60, 500_000)  # one whose bucket lies far ahead of the last sweep
+    assert drain_wheel(wheel, 1_000_000) == [*range(10, 50), 60]
+    assert len(wheel) == 0
+    assert not any(wheel.buckets.values())
+    assert wheel.swept == 1_000_000
+
+
+def test_wheel_skipped_ticks_catch_up() -> None:
+    last = [0] * 16
+    wheel = IdleWheel(2, last, tick=0)
+    wheel.add(1, 0)  # due 2
+    last[2] = 1
+    wheel.add(2, 1)  # due 3
+    last[3] = 5
+    wheel.add(3, 5)  # due 7
+    assert drain_wheel(wheel, 6) == [1, 2]  # ticks 1..6 processed in one call
+    assert drain_wheel(wheel, 7) == [3]
+
+
+def test_wheel_going_back_in_time_expires_nothing() -> None:
+    last = [0] * 8
+    wheel = IdleWheel(2, last, tick=10)
+    last[1] = 10
+    wheel.add(1, 10)
+    assert drain_wheel(wheel, 5) == []
+    assert len(wheel) == 1
+    assert drain_wheel(wheel, 12) == [1]
+
+
+# -- parse_address ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "family", "canonical"),
+    [
+        ("127.0.0.1:7007", "127.0.0.1", 7007, socket.AF_INET, "127.0.0.1:7007"),
+        ("10.1.2.3:0", "10.1.2.3", 0, socket.AF_INET, "10.1.2.3:0"),
+        ("0.0.0.0:65535", "0.0.0.0", 65535, socket.AF_INET, "0.0.0.0:65535"),
+        ("[::1]:7007", "::1", 7007, socket.AF_INET6, "[::1]:7007"),
+        ("[::]:80", "::", 80, socket.AF_INET6, "[::]:80"),
+        ("[2001:DB8:0:0::1]:443", "2001:db8::1", 443, socket.AF_INET6, "[2001:db8::1]:443"),
+        ("*:7007", "0.0.0.0", 7007, socket.AF_INET, "0.0.0.0:7007"),
+        ("localhost:7007", "127.0.0.1", 7007, socket.AF_INET, "127.0.0.1:7007"),
+        ("  127.0.0.1:1  ", "127.0.0.1", 1, socket.AF_INET, "127.0.0.1:1"),
+    ],
+)
+def test_parse_address_valid(text: str, host: str, port: int, family: int, canonical: str) -> None:
+    address = parse_address(text)
+    assert (address.host, address.port, address.family) == (host, port, family)
+    assert str(address) == canonical
+    assert parse_address(str(address)) == address
+
+
+def test_parse_address_equal_spellings() -> None:
+    assert parse_address("localhost:9") == parse_address("127.0.0.1:9")
+    assert parse_address("*:9") == parse_address("0.0.0.0:9")
+    assert parse_address("[0:0:0:0:0:0:0:1]:9") == parse_address("[::1]:9")
+    assert parse_address("127.0.0.1:9") != parse_address("127.0.0.1:10")
+    assert len({parse_address("localhost:9"), parse_address("127.0.0.1:9")}) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("nope", "expected host:port"),
+        ("1.2.3.4", "expected host:port"),
+        ("", "expected host:port"),
+        ("[::1]", r"expected \[v6addr\]:port"),
+        ("[::1]7007", r"expected \[v6addr\]:port"),
+        ("::1:80", "write IPv6 addresses as"),
+        ("host:99999", "port must be"),
+        ("127.0.0.1:65536", "port must be"),
+        ("127.0.0.1:-1", "port must be"),
+        ("127.0.0.1:", "port must be"),
+        ("127.0.0.1:http", "port must be"),
+        ("[::1]:70000", "port must be"),
+        ("host:80", "is not an IP address"),
+        ("example.com:80", "is not an IP address"),
+        ("256.0.0.1:80", "is not an IP address"),
+        ("[nope]:80", "is not an IP address"),
+    ],
+)
+def test_parse_address_errors(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as info:
+        parse_address(text)
+    assert repr(text.strip()) in str(info.value)
+
+
+# -- ListenerSet ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def listeners() -> Iterator[list[ListenerSet]]:
+    """Collects ListenerSets so that every one is closed even when a test fails."""
+    made: list[ListenerSet] = []
+    yield made
+    for item in made:
+        item.close()
+
+
+def new_set(made: list[ListenerSet], backlog: int = 16) -> ListenerSet:
+    item = ListenerSet(backlog)
+    made.append(item)
+    return item
+
+
+def ports(group: list[socket.socket]) -> set[int]:
+    return {sock.getsockname()[1] for sock in group}
+
+
+def accepts(group: list[socket.socket], host: str, port: int) -> bool:
+    """A real connection to host:port is queued on one of the group's sockets."""
+    with socket.create_connection((host, port), timeout=5):
+        ready, _, _ = select.select(group, [], [], 5)
+        for sock in ready:
+            conn, _ = sock.accept()
+            conn.close()
+        return bool(ready)
+
+
+def test_listener_port_zero_shares_one_port(listeners: list[ListenerSet]) -> None:
+    lset = new_set(listeners)
+    address = parse_address("127.0.0.1:0")
+    lset.open([address], 3)
+    group = lset.sockets[address]
+    assert len(group) == 3
+    (port,) = ports(group)
+    assert port != 0
+    assert lset.bound_address(address) == Address("127.0.0.1", port, socket.AF_INET)
+    assert lset.addresses == [address]
+    assert all(not sock.getblocking() for sock in group)
+    assert accepts(group, "127.0.0.1", port)
+
+
+def test_listener_fixed_port_and_slots(listeners: list[ListenerSet]) -> None:
+    port = free_port()
+    lset = new_set(listeners)
+    a = parse_address(f"127.0.0.1:{port}")
+    b = parse_address("127.0.0.1:0")
+    lset.open([a, b], 2)
+    assert ports(lset.sockets[a]) == {port}
+    assert len(lset.sockets[b]) == 2
+    assert lset.slot(0) == [lset.sockets[a][0], lset.sockets[b][0]]
+    assert lset.slot(1) == [lset.sockets[a][1], lset.sockets[b][1]]
+    assert lset.slot(2) == []
+    assert len(lset.filenos()) == 4
+    assert accepts(lset.sockets[a], "127.0.0.1", port)
+
+
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
+def test_listener_ipv6(listeners: list[ListenerSet]) -> None:
+    lset = new_set(listeners)
+    address = parse_address("[::1]:0")
+    lset.open([address], 2)
+    group = lset.sockets[address]
+    (port,) = ports(group)
+    assert port != 0
+    assert all(sock.family == socket.AF_INET6 for sock in group)
+    assert str(lset.bound_address(address)) == f"[::1]:{port}"
+    assert accepts(group, "::1", port)
+
+
+def test_listener_second_set_on_same_port_fails(listeners: list[ListenerSet]) -> None:
+    first = new_set(listeners)
+    address = parse_address("127.0.0.1:0")
+    first.open([address], 2)
+    port = first.bound_address(address).port
+    second = new_set(listeners)
+    with pytest.raises(BindError, match=str(port)):
+        second.open([parse_address(f"127.0.0.1:{port}")], 2)
+    assert second.sockets == {}
+    assert len(first.sockets[address]) == 2  # the first keeps serving
+    assert accepts(first.sockets[address], "127.0.0.1", port)
+
+
+def test_listener_port_held_by_other_program_fails(listeners: list[ListenerSet]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        lset = new_set(listeners)
+        with pytest.raises(BindError, match="in use"):
+            lset.open([parse_address(f"127.0.0.1:{port}")], 1)
+        assert lset.sockets == {}
+
+
+def test_listener_failed_open_leaves_set_unchanged(listeners: list[ListenerSet]) -> None:
+    held = new_set(listeners)
+    held.open([parse_address("127.0.0.1:0")], 1)
+    busy = held.bound_address(parse_address("127.0.0.1:0")).port
+    free = free_port()
+
+    lset = new_set(listeners)
+    kept = parse_address("127.0.0.1:0")
+    lset.open([kept], 2)
+    before = list(lset.sockets[kept])
+    with pytest.raises(BindError) as info:
+        lset.open([kept, parse_address(f"127.0.0.1:{free}"), parse_address(f"127.0.0.1:{busy}")], 2)
+    assert lset.addresses == [kept]
+    assert lset.sockets[kept] == before
+    # Nothing was left listening on the free port (closed, not merely unreferenced: the traceback held
+    # in `info` keeps open()'s locals alive): a plain socket can take it.
+    with socket.create_server(("127.0.0.1", free)) as plain:
+        assert plain.getsockname()[1] == free
+    assert str(busy) in str(info.value)
+
+
+def test_listener_open_again_keeps_sockets(listeners: list[ListenerSet]) -> None:
+    lset = new_set(listeners)
+    address = parse_address("127.0.0.1:0")
+    lset.open([address], 2)
+    before = list(lset.sockets[address])
+    lset.open([address], 2)
+    assert lset.sockets[address] == before
+
+
+def test_listener_resize_and_shrink(listeners: list[ListenerSet]) -> None:
+    lset = new_set(listeners)
+    address = parse_address("127.0.0.1:0")
+    lset.open([address], 2)
+    port = lset.bound_address(address).port
+    lset.resize(5)
+    group = lset.sockets[address]
+    assert len(group) == 5
+    assert ports(group) == {port}
+    assert len(lset.filenos()) == 5
+    assert accepts(group, "127.0.0.1", port)
+
+    dropped = group[2:]
+    lset.shrink(2)
+    assert len(lset.sockets[address]) == 2
+    assert all(sock.fileno() == -1 for sock in dropped)
+    assert len(lset.filenos()) == 2
+    assert lset.slot(2) == []
+    assert accepts(lset.sockets[address], "127.0.0.1", port)
+
+    lset.resize(3)  # growing again after a shrink binds the same port
+    assert len(lset.sockets[address]) == 3
+    assert ports(lset.sockets[address]) == {port}
+    lset.resize(1)  # resize never shrinks
+    assert len(lset.sockets[address]) == 3
+
+
+def test_listener_open_with_more_slots_grows(listeners: list[ListenerSet]) -> None:
+    lset = new_set(listeners)
+    address = parse_address("127.0.0.1:0")
+    lset.open([address], 1)
+    port = lset.bound_address(address).port
+    lset.open([address], 4)
+    assert len(lset.sockets[address]) == 4
+    assert ports(lset.sockets[address]) == {port}
+
+
+def test_listener_close(listeners: list[ListenerSet]) -> None:
+    lset = new_set(listeners)
+    a = parse_address("127.0.0.1:0")
+    b = parse_address(f"127.0.0.1:{free_port()}")
+    lset.open([a, b], 2)
+    port_a = lset.bound_address(a).port
+    socks = [sock for group in lset.sockets.values() for sock in group]
+    lset.close_address(b)
+    assert lset.addresses == [a]
+    lset.close()
+    assert lset.sockets == {}
+    assert lset.filenos() == set()
+    assert all(sock.fileno() == -1 for sock in socks)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port_a), timeout=5).close()
+    # The ports are free again: another set can take them.
+    again = new_set(listeners)
+    again.open([parse_address(f"127.0.0.1:{port_a}"), b], 1)
+    assert len(again.filenos()) == 2
