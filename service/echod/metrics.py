@@ -25,12 +25,15 @@ from .stats import Stats
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HTTP_TIMEOUT = 10.0  # seconds a scraper may take to send its request
+HEALTH_STALE_S = 3.0
 
 
 class StatsCollector(Collector):
     def __init__(self, table: Stats, heartbeat_timeout: float) -> None:
         self.table = table
-        self.heartbeat_timeout_ms = heartbeat_timeout * 1000
+        # Workers beat once a second; a beat older than this makes /healthz say 503 long before the
+        # master's heartbeat_timeout replaces the worker.
+        self.stale_ms = min(HEALTH_STALE_S, heartbeat_timeout) * 1000
 
     def collect(self) -> Iterator[Metric]:
         master, rows = self.table.snapshot()
@@ -103,7 +106,7 @@ class StatsCollector(Collector):
             for row in workers
             if row[stats.GENERATION] == master[stats.M_GENERATION]
             and row[stats.STATE] == stats.STATE_ACCEPTING
-            and (not fresh_only or now - row[stats.HEARTBEAT_MS] < self.heartbeat_timeout_ms)
+            and (not fresh_only or now - row[stats.HEARTBEAT_MS] < self.stale_ms)
         )
 
     @staticmethod
