@@ -144,7 +144,7 @@ def render_toml(values: dict[str, Any]) -> str:
 
 def prepare(args: argparse.Namespace) -> tuple[Any, int]:
     """Load, set up logging and bind everything; returns (ready-to-run master, 0) or (None, exit code)."""
-    from .listeners import ListenerSet, somaxconn
+    from .listeners import ListenerSet, somaxconn, systemd_sockets
     from .master import Master, bind_metrics
 
     load = load_from_args(args)
@@ -158,14 +158,17 @@ def prepare(args: argparse.Namespace) -> tuple[Any, int]:
         print(f"echod: invalid configuration:\n  log.file: cannot open {settings.log.file!r}: {exc.strerror}",
               file=sys.stderr)  # fmt: skip
         return None, EX_CONFIG
+    log = logs.logging.getLogger("echod")
     limit = somaxconn()
     if limit is not None and settings.backlog > limit:
-        logs.logging.getLogger("echod").warning(
-            "backlog %d is capped at net.core.somaxconn=%d", settings.backlog, limit
-        )
+        log.warning("backlog %d is capped at net.core.somaxconn=%d", settings.backlog, limit)
     listeners = ListenerSet(settings.backlog)
     try:
-        listeners.open(settings.addresses, settings.worker_count)
+        activated = systemd_sockets(os.environ)
+        for sock in activated:
+            log.info("using socket-activated listener %s (listen setting ignored)", listeners.adopt(sock))
+        if not activated:
+            listeners.open(settings.addresses, settings.worker_count)
         metrics_sock = bind_metrics(settings.metrics.listen)
     except BindError as exc:
         listeners.close()

@@ -10,11 +10,15 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("echod.listeners")
+
+SD_LISTEN_FDS_START = 3
 
 
 class BindError(Exception):
@@ -103,12 +107,42 @@ def somaxconn() -> int | None:
         return None
 
 
+def systemd_sockets(environ: MutableMapping[str, str]) -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (sd_listen_fds(3)), if they are ours.
+
+    Variables left behind for another process (LISTEN_PID not ours) are ignored. The variables are
+    removed either way so that nothing we start takes them for its own.
+    """
+    pid, count = environ.pop("LISTEN_PID", ""), environ.pop("LISTEN_FDS", "")
+    environ.pop("LISTEN_FDNAMES", None)
+    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return []
+    found = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise BindError(f"socket-activated fd {fd} is not a TCP socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        found.append(sock)
+    return found
+
+
 class ListenerSet:
-    """address -> one listening socket per worker slot."""
+    """address -> one listening socket per worker slot (or one shared socket, if inherited)."""
 
     def __init__(self, backlog: int) -> None:
         self.backlog = backlog
         self.sockets: dict[Address, list[socket.socket]] = {}
+        self.shared: set[Address] = set()  # inherited sockets: every worker accepts on the same one
+
+    def adopt(self, sock: socket.socket) -> Address:
+        host, port = sock.getsockname()[:2]
+        address = Address(host, port, sock.family)
+        self.sockets[address] = [sock]
+        self.shared.add(address)
+        return address
 
     @property
     def addresses(self) -> list[Address]:
@@ -154,19 +188,26 @@ class ListenerSet:
     def resize(self, slots: int) -> None:
         """Grow every group to `slots` sockets (shrinking is `shrink`)."""
         for address, group in self.sockets.items():
+            if address in self.shared:
+                continue
             bound = self.bound_address(address)
             while len(group) < slots:
                 group.append(bind_socket(bound, self.backlog))
 
     def slot(self, index: int) -> list[socket.socket]:
-        return [group[index] for group in self.sockets.values() if index < len(group)]
+        return [
+            group[0] if address in self.shared else group[index]
+            for address, group in self.sockets.items()
+            if address in self.shared or index < len(group)
+        ]
 
     def shrink(self, slots: int) -> None:
-        for group in self.sockets.values():
-            while len(group) > slots:
+        for address, group in self.sockets.items():
+            while len(group) > max(slots, 1 if address in self.shared else 0):
                 group.pop().close()
 
     def close_address(self, address: Address) -> None:
+        self.shared.discard(address)
         for sock in self.sockets.pop(address, []):
             sock.close()
 

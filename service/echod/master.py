@@ -75,6 +75,8 @@ class Master:
         self.ready = False
         self.reload_started: float | None = None
         self.pending_close: set[Address] = set()  # addresses to close once a reload completes
+        self.watchdog_every = notify.watchdog_interval()
+        self.next_watchdog = 0.0
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -99,11 +101,19 @@ class Master:
                 self._escalate_stop()
             else:
                 self._supervise()
+            self._ping_watchdog()
             self._wait(1.0 if not self.reload_started and self.ready else 0.05)
         self._stop_metrics()
         notify.status("stopped")
         log.info("echod stopped")
         return 0
+
+    def _ping_watchdog(self) -> None:
+        # From the master's own loop, so it proves the loop turns (a side thread would not).
+        now = time.monotonic()
+        if self.watchdog_every and now >= self.next_watchdog:
+            notify.watchdog()
+            self.next_watchdog = now + self.watchdog_every
 
     def _wait(self, timeout: float) -> None:
         if self.queue:
@@ -328,12 +338,15 @@ class Master:
         notify.reloading("reloading")
         try:
             new = self.load()
-            self.listeners.open(new.addresses, max(new.worker_count, self.wanted))
+            addresses = new.addresses
+            if self.listeners.shared:  # socket-activated: systemd owns the addresses
+                addresses = self.listeners.addresses
+            self.listeners.open(addresses, max(new.worker_count, self.wanted))
             metrics_sock = self._rebind_metrics(new)
         except (ConfigError, BindError) as exc:
             self._reload_failed(str(exc))
             return
-        old_addresses = set(self.listeners.addresses) - set(new.addresses)
+        old_addresses = set(self.listeners.addresses) - set(addresses)
         logs.setup(new.log.level, new.log.format, new.log.file)
         self.settings = new
         self.generation += 1

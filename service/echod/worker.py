@@ -129,7 +129,8 @@ class Worker:
             fd = sock.fileno()
             self._grow(fd)
             self.table[fd] = _Listener(sock)
-            self.ep.register(fd, EPOLLIN)
+            # Exclusive: when workers share a socket (reload overlap, socket activation), one wakes.
+            self.ep.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
         self.accepting = True
 
     def _stop_accepting(self) -> None:
