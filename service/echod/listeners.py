@@ -7,6 +7,7 @@ the kernel drop the connections queued on that socket (nginx ticket #1300, gunic
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import logging
@@ -19,6 +20,33 @@ from pathlib import Path
 log = logging.getLogger("echod.listeners")
 
 SD_LISTEN_FDS_START = 3
+SO_ATTACH_REUSEPORT_CBPF = 51  # <asm-generic/socket.h>
+# Classic BPF: A = skb->hash (ancillary load); A %= active; return A.
+_BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16
+_SKF_AD_RXHASH = (-0x1000 + 32) & 0xFFFFFFFF
+
+
+class _SockFilter(ctypes.Structure):  # struct sock_filter
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):  # struct sock_fprog
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _attach_steering(sock: socket.socket, active: int) -> None:
+    program = (_SockFilter * 3)(
+        _SockFilter(_BPF_LD_W_ABS, 0, 0, _SKF_AD_RXHASH),
+        _SockFilter(_BPF_ALU_MOD_K, 0, 0, active),
+        _SockFilter(_BPF_RET_A, 0, 0, 0),
+    )
+    # `program` stays alive until setsockopt has copied it into the kernel.
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(_SockFprog(len(program), program)))
 
 
 class BindError(Exception):
@@ -200,6 +228,31 @@ class ListenerSet:
             for address, group in self.sockets.items()
             if address in self.shared or index < len(group)
         ]
+
+    def steer(self, active: int) -> bool:
+        """Send new connections only to the first `active` sockets of every group.
+
+        A classic-BPF program on the SO_REUSEPORT group returns `skb hash % active` as the index of
+        the socket that gets the connection. Sockets join a group in bind order and we only ever
+        remove the last ones, so index i is slot i. Sockets beyond `active` then receive nothing new
+        and their queues can be drained before they are closed, so shrinking the worker count resets
+        no queued connection. Returns False where the kernel refuses the program.
+        """
+        ok = True
+        for address, group in self.sockets.items():
+            if address in self.shared:
+                continue
+            try:
+                _attach_steering(group[0], active)
+            except OSError as exc:
+                log.warning(
+                    "cannot steer %s with SO_ATTACH_REUSEPORT_CBPF (%s): fewer workers may reset queued"
+                    " connections unless net.ipv4.tcp_migrate_req=1",
+                    address,
+                    exc.strerror,
+                )
+                ok = False
+        return ok
 
     def shrink(self, slots: int) -> None:
         for address, group in self.sockets.items():

@@ -85,6 +85,7 @@ class Master:
         self._install_signals()
         self._publish_state()
         self._start_metrics()
+        self.listeners.steer(self.wanted)
         log.info(
             "echod starting: listen %s, %d workers, metrics %s",
             ", ".join(str(self.listeners.bound_address(a)) for a in self.listeners.addresses),
@@ -270,6 +271,8 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self._worker_exited(worker, status)
+                if not self.stopping:
+                    self._close_unused_sockets()
 
     def _worker_exited(self, worker: WorkerProc, status: int) -> None:
         self.stats.release_row(worker.row)
@@ -307,7 +310,7 @@ class Master:
         worker.retiring = True
         worker.kill_at = time.monotonic() + self.settings.shutdown_timeout + FLUSH_GRACE + KILL_GRACE
         try:
-            os.kill(worker.pid, signal.SIGTERM)
+            os.kill(worker.pid, signal.SIGUSR2)  # retire: drain the accept queue, then finish like TERM
         except ProcessLookupError:
             pass
 
@@ -324,14 +327,16 @@ class Master:
                 log.error("cannot add a worker: %s", exc)
                 return
         self.wanted = wanted
+        self.listeners.steer(wanted)  # before retiring anyone: nothing new may reach their sockets
         for worker in list(self.workers.values()):
             if worker.generation == self.generation and worker.slot >= wanted:
                 self._retire(worker)
-        self.listeners.shrink(max(wanted, self._highest_slot_in_use() + 1))
         self._publish_state()
 
-    def _highest_slot_in_use(self) -> int:
-        return max((w.slot for w in self.workers.values() if not w.retiring), default=-1)
+    def _close_unused_sockets(self) -> None:
+        """Close the slot sockets beyond the worker count once no worker accepts on them any more."""
+        if not any(w.slot >= self.wanted for w in self.workers.values()):
+            self.listeners.shrink(self.wanted)
 
     def _reload(self) -> None:
         log.info("reloading configuration")
@@ -376,12 +381,12 @@ class Master:
             if now - self.reload_started < READY_TIMEOUT:
                 return
             log.error("new workers not ready after %.0f s; retiring the old ones anyway", READY_TIMEOUT)
+        self.listeners.steer(self.wanted)
         for worker in list(self.workers.values()):
             if worker.generation != self.generation:
                 self._retire(worker)
         for address in self.pending_close:
             self.listeners.close_address(address)
-        self.listeners.shrink(self.wanted)
         self.reload_started = None
         self.stats.master[stats.M_RELOAD_SUCCESS] += 1
         self.stats.master[stats.M_LAST_RELOAD_OK] = 1

@@ -38,7 +38,7 @@ ACCEPT_BATCH = 64  # connections accepted per listener per loop turn
 MAX_EVENTS = 1024
 FLUSH_GRACE = 3.0  # seconds a stop spends flushing what was read before closing anyway
 EMFILE_PAUSE = 1.0  # seconds accepting stays off when even the reserve fd cannot be had
-LINGER_DISCARD = 1 << 20  # bytes read and dropped per turn from a connection we are closing
+RETIRE_ACCEPT_GRACE = 1.0  # seconds a retiring worker keeps accepting (see SIGUSR2)
 
 
 class _Listener:
@@ -97,13 +97,17 @@ class Worker:
         self.tick = int(time.monotonic())
         self.wheel: IdleWheel | None = None
         if settings.idle_timeout > 0:
-            self.wheel = IdleWheel(math.ceil(settings.idle_timeout), self.last, self.tick)
+            # Ticks are truncated seconds, so traffic stamped at tick T happened in [T, T+1): one more
+            # second guarantees a connection is never closed before idle_timeout of silence.
+            self.wheel = IdleWheel(math.ceil(settings.idle_timeout) + 1, self.last, self.tick)
         self.ep = select.epoll()
         self.reserve_fd = -1
         self.accepting = False
         self.accept_resume_at = 0.0
         self.signalled: list[int] = []
-        self.drain_deadline: float | None = None  # set by a graceful stop
+        self.drain_deadline: float | None = None  # set by a graceful stop or retirement
+        self.retire_at: float | None = None  # when a retiring worker stops accepting
+        self.retired = False  # listeners closed for good
         self.close_deadline: float | None = None  # set once connections are being closed
         self.next_housekeeping = 0.0
 
@@ -115,9 +119,9 @@ class Worker:
         self._grow(rfd)
         self.table[rfd] = _WAKEUP
         self.ep.register(rfd, EPOLLIN)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, self._on_signal)
-        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
@@ -429,26 +433,43 @@ class Worker:
                 from .logs import reopen
 
                 reopen()
-            elif signum == signal.SIGTERM and self.drain_deadline is None:
+            elif signum == signal.SIGTERM:
                 self._retire()
-                self.drain_deadline = now + self.settings.shutdown_timeout
+                self._drain_by(now + self.settings.shutdown_timeout)
+            elif signum == signal.SIGUSR2 and self.retire_at is None and not self.retired:
+                # Retirement (reload, fewer workers): the master has already steered new connections
+                # away from our sockets; keep accepting a little longer so that handshakes still in
+                # flight to them are served instead of reset when the socket closes.
+                self.row[stats.STATE] = stats.STATE_DRAINING
+                self.retire_at = now + RETIRE_ACCEPT_GRACE
+                self._drain_by(now + self.settings.shutdown_timeout)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self._retire()
                 self._begin_close(now)
 
+    def _drain_by(self, deadline: float) -> None:
+        if self.drain_deadline is None or deadline < self.drain_deadline:
+            self.drain_deadline = deadline
+
     def _retire(self) -> None:
-        if self.row[stats.STATE] != stats.STATE_DRAINING:
-            self.row[stats.STATE] = stats.STATE_DRAINING
-            self._stop_accepting()
-            self.accept_resume_at = 0.0
-            for sock in self.listeners:
-                sock.close()  # our copy only: the master keeps the socket and its queue
+        """Stop accepting for good."""
+        self.row[stats.STATE] = stats.STATE_DRAINING
+        self.retire_at = None
+        if self.retired:
+            return
+        self.retired = True
+        self._stop_accepting()
+        self.accept_resume_at = 0.0
+        for sock in self.listeners:
+            sock.close()  # our copy only: the master keeps the socket and its queue
 
     # -- stopping -------------------------------------------------------------------------------
     def _stop_due(self, now: float) -> bool:
+        if self.retire_at is not None and now >= self.retire_at:
+            self._retire()
         if self.drain_deadline is None and self.close_deadline is None:
             return False
-        if self.open == 0:
+        if self.open == 0 and self.retired:
             return True
         if self.close_deadline is None and self.drain_deadline is not None and now >= self.drain_deadline:
             self._begin_close(now)
