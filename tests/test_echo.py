@@ -341,6 +341,8 @@ def test_reset_mid_stream(echod):
         assert echo_roundtrip(fresh, b"fresh") == b"fresh"
     bystander.close()
     assert "Traceback" not in daemon.log(), daemon.log()
+    # SPEC: bytes lost to a client reset are counted *and logged* (one line per second, not per event).
+    wait_for(lambda: "bytes read but not echoed" in daemon.log(), 5, "the drop to be logged")
 
 
 def test_slow_readers_bounded_memory(echod):

@@ -41,6 +41,13 @@ EMFILE_PAUSE = 1.0  # seconds accepting stays off when even the reserve fd canno
 RETIRE_ACCEPT_GRACE = 1.0  # seconds a retiring worker keeps accepting (see SIGUSR2)
 
 
+_REPORTED = (
+    (stats.DROPPED_BYTES, "dropped %d bytes read but not echoed (client reset, idle timeout or shutdown)"),
+    (stats.REJECTED_LIMIT, "rejected %d connections: max_connections reached"),
+    (stats.REJECTED_EMFILE, "rejected %d connections: out of file descriptors"),
+)
+
+
 class _Listener:
     __slots__ = ("sock",)
 
@@ -90,6 +97,7 @@ class Worker:
         self.max_connections = settings.max_connections
         self.marks = Watermarks(settings.write_buffer_high, settings.write_buffer_low)
         self.counts = [0] * stats.COUNTERS
+        self.reported = [0] * stats.COUNTERS  # counts already logged by _report
         self.open = 0
         self.buffered = 0
         self.table: list[Any] = [_CLOSED] * 1024
@@ -406,8 +414,17 @@ class Worker:
         if os.getppid() != self.master_pid and self.close_deadline is None:
             log.warning("master %d is gone: stopping", self.master_pid)
             self._begin_close(now)
+        self._report()
         self._publish()
         return self._stop_due(now)
+
+    def _report(self) -> None:
+        """Log what went wrong since the last second, one line per kind, never one per connection."""
+        for field, text in _REPORTED:
+            new = self.counts[field] - self.reported[field]
+            if new:
+                log.warning(text, new)
+                self.reported[field] = self.counts[field]
 
     def _publish(self) -> None:
         row = self.row
