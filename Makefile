@@ -28,8 +28,14 @@ test: $(STAMP) system-deps lint
 unit: $(STAMP)
 	$(BIN)/pytest tests -m "not integration"
 
-bench: $(STAMP)
-	$(BIN)/python bench/run.py
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+# Interleaved A/B rounds of echod against asyncio and uvloop echo servers; see bench/README.md.
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build service/*.egg-info .pytest_cache .ruff_cache
