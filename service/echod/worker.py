@@ -167,41 +167,46 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        # Everything the per-event path touches is a local: LOAD_FAST instead of attribute and
+        # global lookups, measurable at a few hundred thousand events a second.
         poll, read, write, monotonic = self.ep.poll, os.read, os.write, time.monotonic
-        table, last, size = self.table, self.last, self.read_size
-        slow = self._event
+        table, last, size, IN = self.table, self.last, self.read_size, EPOLLIN
+        slow, close = self._event, self._close
         received = sent = 0
+        now = monotonic()
         while True:
-            timeout = max(0.0, self.next_housekeeping - monotonic())
-            events = poll(timeout, MAX_EVENTS)
+            events = poll(max(0.0, self.next_housekeeping - now), MAX_EVENTS)
             now = monotonic()
             tick = self.tick = int(now)
             for fd, ev in events:
                 state = table[fd]
-                if state is None and ev == EPOLLIN:
+                if state is None and ev == IN:
                     try:
                         data = read(fd, size)
-                    except OSError:
-                        slow(fd, ev, state)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        close(fd, "error", exc)
                         continue
                     if not data:
                         self._eof(fd, None)
                         continue
                     last[fd] = tick
-                    received += len(data)
+                    k = len(data)
+                    received += k
                     try:
                         n = write(fd, data)
                     except BlockingIOError:
                         n = 0
                     except OSError as exc:
-                        self._close(fd, "error", exc)
+                        close(fd, "error", exc)
                         continue
                     sent += n
-                    if n != len(data):
+                    if n != k:
                         self._buffer(fd, data, n)
                 else:
                     slow(fd, ev, state)
-            if now >= self.next_housekeeping or self.signalled:
+            if now >= self.next_housekeeping:  # also forced by a signal, see _drain_wakeup
                 self.counts[stats.RECEIVED_BYTES] += received
                 self.counts[stats.SENT_BYTES] += sent
                 received = sent = 0
