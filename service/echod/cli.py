@@ -144,8 +144,11 @@ def render_toml(values: dict[str, Any]) -> str:
 
 def prepare(args: argparse.Namespace) -> tuple[Any, int]:
     """Load, set up logging and bind everything; returns (ready-to-run master, 0) or (None, exit code)."""
+    from . import upgrade
     from .listeners import ListenerSet, somaxconn, systemd_sockets
     from .master import Master, bind_metrics
+
+    inherited = upgrade.take(os.environ)  # before the configuration rejects an unknown ECHOD_* name
 
     load = load_from_args(args)
     try:
@@ -163,18 +166,49 @@ def prepare(args: argparse.Namespace) -> tuple[Any, int]:
     if limit is not None and settings.backlog > limit:
         log.warning("backlog %d is capped at net.core.somaxconn=%d", settings.backlog, limit)
     listeners = ListenerSet(settings.backlog)
+    metrics_sock = None
     try:
+        if inherited is not None:
+            metrics_sock = _adopt_inherited(inherited, listeners, settings)
         activated = systemd_sockets(os.environ)
         for sock in activated:
-            log.info("using socket-activated listener %s (listen setting ignored)", listeners.adopt(sock))
-        if not activated:
+            address = listeners.adopt([sock], shared=True)
+            log.info("using socket-activated listener %s (listen setting ignored)", address)
+        if not listeners.shared:
             listeners.open(settings.addresses, settings.worker_count)
-        metrics_sock = bind_metrics(settings.metrics.listen)
+        if metrics_sock is None:
+            metrics_sock = bind_metrics(settings.metrics.listen)
     except BindError as exc:
         listeners.close()
         print(f"echod: {exc}", file=sys.stderr)
         return None, EX_UNAVAILABLE
-    return Master(settings, load, listeners, metrics_sock), 0
+    master = Master(settings, load, listeners, metrics_sock)
+    if inherited is not None:
+        master.predecessor_ready_fd = inherited.ready
+        master.pidfile_fd = inherited.pidfile
+    return master, 0
+
+
+def _adopt_inherited(inherited: Any, listeners: Any, settings: Settings) -> Any:
+    """Take over the sockets of the master we are upgrading; returns the metrics socket to keep."""
+    import socket
+
+    from .listeners import Address, parse_address
+
+    wanted = set(settings.addresses)
+    for fds, shared in inherited.groups:
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        address = listeners.adopt(socks, shared)
+        if not shared and address not in wanted:  # dropped from the configuration meanwhile
+            listeners.close_address(address)
+    if inherited.metrics is None:
+        return None
+    sock = socket.socket(fileno=inherited.metrics)
+    host, port = sock.getsockname()[:2]
+    if settings.metrics.listen and parse_address(settings.metrics.listen) == Address(host, port, sock.family):
+        return sock
+    sock.close()
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ class PidFile:
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.fd = -1
+        self.handed_over = False  # an in-place upgrade's new master holds the lock and the file now
 
     def __enter__(self) -> PidFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +59,9 @@ class PidFile:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            if not self.handed_over:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             os.close(self.fd)
             self.fd = -1
 
@@ -226,9 +228,10 @@ def _daemon_main(master: object, ready_w: int) -> int:
             os.close(ready_w)
 
     master.on_ready = lambda: report("ready")
+    pidfile = PidFile(settings.daemon.pidfile)
     context = daemon.DaemonContext(
         files_preserve=keep,
-        pidfile=PidFile(settings.daemon.pidfile),
+        pidfile=pidfile,
         umask=0o022,
         working_directory="/",
         detach_process=True,
@@ -237,6 +240,7 @@ def _daemon_main(master: object, ready_w: int) -> int:
     )
     try:
         context.open()
+        master.pidfile_fd = pidfile.fd
         logs.setup(settings.log.level, settings.log.format, settings.log.file)
         drop_privileges(settings.daemon.user, settings.daemon.group)
     except (AlreadyRunning, OSError, KeyError) as exc:
@@ -251,4 +255,5 @@ def _daemon_main(master: object, ready_w: int) -> int:
         report(f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        pidfile.handed_over = master.successor is not None and master.pidfile_fd is None
         context.close()  # removes the pidfile; os._exit() below would skip python-daemon's atexit hook

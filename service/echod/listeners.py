@@ -165,12 +165,17 @@ class ListenerSet:
         self.sockets: dict[Address, list[socket.socket]] = {}
         self.shared: set[Address] = set()  # inherited sockets: every worker accepts on the same one
 
-    def adopt(self, sock: socket.socket) -> Address:
-        host, port = sock.getsockname()[:2]
-        address = Address(host, port, sock.family)
-        self.sockets[address] = [sock]
-        self.shared.add(address)
+    def adopt(self, socks: list[socket.socket], shared: bool) -> Address:
+        """Take over already-listening sockets (from systemd, or from the master we upgrade)."""
+        host, port = socks[0].getsockname()[:2]
+        address = Address(host, port, socks[0].family)
+        self.sockets[address] = socks
+        if shared:
+            self.shared.add(address)
         return address
+
+    def groups(self) -> list[tuple[list[socket.socket], bool]]:
+        return [(group, address in self.shared) for address, group in self.sockets.items()]
 
     @property
     def addresses(self) -> list[Address]:

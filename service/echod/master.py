@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import logs, notify, stats
+from . import logs, notify, stats, upgrade
 from .config import MAX_WORKERS, ConfigError, Settings
 from .listeners import Address, BindError, ListenerSet, bind_socket, parse_address
 from .stats import Stats
@@ -27,7 +27,7 @@ log = logging.getLogger("echod.master")
 
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
 )  # fmt: skip
 QUICK_DEATH = 2.0  # a worker that dies younger than this counts towards crash-loop backoff
 MAX_BACKOFF = 30.0
@@ -75,6 +75,9 @@ class Master:
         self.ready = False
         self.reload_started: float | None = None
         self.pending_close: set[Address] = set()  # addresses to close once a reload completes
+        self.predecessor_ready_fd: int | None = None  # set when we are an in-place upgrade
+        self.pidfile_fd: int | None = None  # the locked pidfile, handed on by an upgrade
+        self.successor: Successor | None = None
         self.watchdog_every = notify.watchdog_interval()
         self.next_watchdog = 0.0
 
@@ -103,7 +106,8 @@ class Master:
             else:
                 self._supervise()
             self._ping_watchdog()
-            self._wait(1.0 if not self.reload_started and self.ready else 0.05)
+            busy = self.reload_started is not None or self.successor is not None or not self.ready
+            self._wait(0.05 if busy else 1.0)
         self._stop_metrics()
         notify.status("stopped")
         log.info("echod stopped")
@@ -157,6 +161,8 @@ class Master:
                 logs.reopen()
                 self._signal_workers(signal.SIGUSR1)
                 log.info("log file reopened")
+            elif signum == signal.SIGUSR2:
+                self._upgrade()
             elif signum == signal.SIGTTIN:
                 self._scale(self.wanted + 1)
             elif signum == signal.SIGTTOU:
@@ -220,15 +226,32 @@ class Master:
         if self.reload_started is not None:
             self._finish_reload(now)
         elif not self.ready and self._generation_ready():
-            self.ready = True
-            log.info("ready: %d workers accepting", self.wanted)
-            notify.ready(self._status_line())
-            if self.on_ready is not None:
-                self.on_ready()
+            self._announce_ready()
+        if self.successor is not None:
+            self._check_successor(now)
         for worker in self.workers.values():
             if worker.kill_at is not None and now >= worker.kill_at and not worker.killed:
                 self._kill(worker, signal.SIGKILL, "did not finish retiring in time")
         self._publish_state()
+
+    def _announce_ready(self) -> None:
+        self.ready = True
+        log.info("ready: %d workers accepting", self.wanted)
+        notify.ready(self._status_line())
+        if self.pidfile_fd is not None:  # we took over the pidfile (and its lock) in an upgrade
+            os.ftruncate(self.pidfile_fd, 0)
+            os.pwrite(self.pidfile_fd, f"{self.pid}\n".encode(), 0)
+        if self.predecessor_ready_fd is not None:
+            upgrade.report_ready(self.predecessor_ready_fd, self._current_pids())
+            self.predecessor_ready_fd = None
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _current_pids(self) -> list[int]:
+        by_slot = {
+            w.slot: w.pid for w in self.workers.values() if w.generation == self.generation and not w.retiring
+        }
+        return [by_slot.get(slot, 0) for slot in range(self.wanted)]
 
     def _generation_ready(self) -> bool:
         accepting = sum(
@@ -304,10 +327,15 @@ class Master:
             except ProcessLookupError:
                 pass
 
-    def _retire(self, worker: WorkerProc) -> None:
+    def _retire(self, worker: WorkerProc, successors: list[int] | None = None) -> None:
+        """SIGUSR2: drain the accept queue, hand connections to the successor of the same slot (if
+        any), serve the rest until shutdown_timeout, exit."""
         if worker.retiring:
             return
         worker.retiring = True
+        pids = successors if successors is not None else self._current_pids()
+        if pids:
+            self.stats.row(worker.row)[stats.HANDOVER_PID] = pids[worker.slot % len(pids)]
         worker.kill_at = time.monotonic() + self.settings.shutdown_timeout + FLUSH_GRACE + KILL_GRACE
         try:
             os.kill(worker.pid, signal.SIGUSR2)  # retire: drain the accept queue, then finish like TERM
@@ -393,6 +421,57 @@ class Master:
         log.info("reload complete: generation %d, %d workers", self.generation, self.wanted)
         notify.notify("READY=1", f"STATUS={self._status_line()}")
 
+    # -- in-place upgrade -------------------------------------------------------------------------
+    def _upgrade(self) -> None:
+        if self.successor is not None:
+            log.warning("upgrade already in progress (new master %d)", self.successor.pid)
+            return
+        try:
+            pid, ready_fd = upgrade.spawn(self.listeners.groups(), self.metrics_sock, self.pidfile_fd)
+        except OSError as exc:
+            log.error("upgrade failed: cannot start a new master: %s", exc)
+            return
+        log.info("upgrade: started new master %d", pid)
+        self.successor = Successor(pid, ready_fd, time.monotonic() + READY_TIMEOUT)
+
+    def _check_successor(self, now: float) -> None:
+        successor = self.successor
+        assert successor is not None
+        try:
+            message = os.read(successor.ready_fd, 4096).decode()
+        except BlockingIOError:
+            if now > successor.deadline:
+                self._upgrade_failed(f"not ready after {READY_TIMEOUT:.0f} s")
+            return
+        if not message.startswith("ready"):
+            self._upgrade_failed("it exited before it was ready")
+            return
+        os.close(successor.ready_fd)
+        log.info("upgrade: new master %d is ready; retiring this one", successor.pid)
+        notify.notify(f"MAINPID={successor.pid}", "READY=1", f"STATUS=upgraded to master {successor.pid}")
+        self.pidfile_fd = None  # the successor holds the lock now
+        pids = [int(pid) for pid in message.split()[1:] if pid.isdigit() and int(pid)]
+        self._hand_over(pids)
+
+    def _upgrade_failed(self, why: str) -> None:
+        successor = self.successor
+        assert successor is not None
+        log.error("upgrade failed, this master keeps serving: new master %d %s", successor.pid, why)
+        os.close(successor.ready_fd)
+        try:
+            os.kill(successor.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.successor = None
+
+    def _hand_over(self, successors: list[int]) -> None:
+        """Leave the service to the new master: its workers take over our workers' connections."""
+        self.stopping = True
+        grace = self.settings.shutdown_timeout + FLUSH_GRACE
+        self.stop_deadline = time.monotonic() + grace + KILL_GRACE
+        for worker in list(self.workers.values()):
+            self._retire(worker, successors)
+
     # -- stopping -------------------------------------------------------------------------------
     def _begin_stop(self, fast: bool) -> None:
         if self.stopping and not fast:
@@ -444,6 +523,13 @@ class Master:
 
     def _status_line(self) -> str:
         return f"generation {self.generation}, {self.wanted} workers"
+
+
+@dataclass
+class Successor:
+    pid: int
+    ready_fd: int
+    deadline: float
 
 
 def set_process_name(name: str) -> None:

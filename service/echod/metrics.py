@@ -72,6 +72,11 @@ class StatsCollector(Collector):
             "Bytes read but not echoed (client reset, idle timeout, shutdown_timeout expiry)",
             total(stats.DROPPED_BYTES),
         )
+        yield _counter(
+            "echod_connections_handed_over",
+            "Established connections passed to a successor worker on reload, scaling or upgrade",
+            total(stats.HANDED_OVER),
+        )
         yield _gauge("echod_buffered_bytes", "Pending output, all connections", gauge(stats.BUFFERED))
         yield _gauge(
             "echod_workers",

@@ -24,7 +24,7 @@ import socket
 import time
 from typing import Any
 
-from . import stats
+from . import handover, stats
 from .config import Settings
 from .connection import Connection, Watermarks
 from .idle import IdleWheel
@@ -53,6 +53,14 @@ class _Listener:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+
+
+class _Inbox(_Listener):
+    """Our handover socket: retiring workers connect here to pass connections."""
+
+
+class _Channel(_Listener):
+    """One retiring worker's handover connection."""
 
 
 class _Sentinel:
@@ -117,6 +125,7 @@ class Worker:
         self.retire_at: float | None = None  # when a retiring worker stops accepting
         self.retired = False  # listeners closed for good
         self.close_deadline: float | None = None  # set once connections are being closed
+        self.outbox: socket.socket | None = None  # to the successor, while handing connections over
         self.next_housekeeping = 0.0
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -156,6 +165,7 @@ class Worker:
     def run(self) -> int:
         self._install_signals()
         self.reserve_fd = self._open_reserve()
+        self._watch(handover.listen(), _Inbox)
         self._start_accepting()
         self.row[stats.STATE] = stats.STATE_ACCEPTING
         self._publish()
@@ -221,6 +231,14 @@ class Worker:
             return
         if state is _WAKEUP:
             self._drain_wakeup()
+            return
+        if state.__class__ is _Inbox:
+            chan = handover.accept(state.sock)
+            if chan is not None:
+                self._watch(chan, _Channel)
+            return
+        if state.__class__ is _Channel:
+            self._receive(fd, state.sock)
             return
         if ev & EPOLLERR:
             self._fail(fd)
@@ -299,13 +317,16 @@ class Worker:
         if n:
             self.last[fd] = self.tick
         if conn.buf:
-            if self.marks.should_resume(conn) and not conn.eof:
+            if self.marks.should_resume(conn) and not conn.eof and self.outbox is None:
                 conn.paused = False
                 self.ep.modify(fd, READING | EPOLLOUT)
         elif conn.__class__ is Closing:
             self._shut(fd, conn)
         elif conn.eof:
             self._close(fd, "client")
+        elif self.outbox is not None:  # everything it read went out: now it can move
+            self.table[fd] = None
+            self._send_over([fd])
         else:
             self.table[fd] = None
             self.ep.modify(fd, READING)
@@ -360,13 +381,7 @@ class Worker:
                 self.counts[stats.REJECTED_LIMIT] += 1
                 continue
             os.set_blocking(fd, False)
-            self._grow(fd)
-            self.table[fd] = None
-            self.last[fd] = self.tick
-            self.ep.register(fd, READING)
-            if self.wheel is not None:
-                self.wheel.add(fd, self.tick)
-            self.open += 1
+            self._adopt(fd)
             self.counts[stats.ACCEPTED] += 1
 
     def _shed(self, lsock: socket.socket) -> None:
@@ -474,7 +489,7 @@ class Worker:
             self.drain_deadline = deadline
 
     def _retire(self) -> None:
-        """Stop accepting for good."""
+        """Stop accepting for good; pass our connections on if the master named a successor."""
         self.row[stats.STATE] = stats.STATE_DRAINING
         self.retire_at = None
         if self.retired:
@@ -484,6 +499,71 @@ class Worker:
         self.accept_resume_at = 0.0
         for sock in self.listeners:
             sock.close()  # our copy only: the master keeps the socket and its queue
+        if self.row[stats.HANDOVER_PID] and self.close_deadline is None:
+            self._hand_over(self.row[stats.HANDOVER_PID])
+
+    # -- live handover ----------------------------------------------------------------------------
+    def _watch(self, sock: socket.socket, kind: type[_Listener]) -> None:
+        fd = sock.fileno()
+        self._grow(fd)
+        self.table[fd] = kind(sock)
+        self.ep.register(fd, EPOLLIN)
+
+    def _hand_over(self, successor: int) -> None:
+        """Pass every connection to `successor`; those with unsent output follow once it is sent."""
+        try:
+            self.outbox = handover.connect(successor)
+        except OSError as exc:
+            log.warning("cannot hand connections over to worker %d (%s): serving them here", successor, exc)
+            return
+        plain = []
+        for fd, state in enumerate(self.table):
+            if state is None:
+                plain.append(fd)
+            elif state.__class__ is Connection and not state.eof:
+                state.paused = True  # read nothing more: what the client sends now is the successor's
+                self.ep.modify(fd, EPOLLOUT)
+        self._send_over(plain)
+        log.info("handed %d connections over to worker %d", len(plain), successor)
+
+    def _send_over(self, fds: list[int]) -> None:
+        for fd in fds:
+            self.ep.unregister(fd)  # from here on the bytes the client sends wait for the successor
+        try:
+            assert self.outbox is not None
+            handover.send(self.outbox, fds)
+        except OSError as exc:
+            log.warning("handover failed (%s): serving %d connections here", exc, len(fds))
+            self.outbox = None
+            for fd in fds:
+                self.ep.register(fd, READING)
+            return
+        for fd in fds:
+            self.table[fd] = _CLOSED
+            if self.wheel is not None:
+                self.wheel.remove(fd)
+            os.close(fd)  # the successor holds its own descriptor for the same socket
+        self.open -= len(fds)
+        self.counts[stats.HANDED_OVER] += len(fds)
+
+    def _receive(self, fd: int, chan: socket.socket) -> None:
+        fds = handover.receive(chan)
+        if fds is None:
+            self.table[fd] = _CLOSED
+            chan.close()
+            return
+        for conn in fds:
+            self._adopt(conn)
+
+    def _adopt(self, fd: int) -> None:
+        """Serve a connection: a fresh one from accept, or an established one handed to us."""
+        self._grow(fd)
+        self.table[fd] = None
+        self.last[fd] = self.tick
+        self.ep.register(fd, READING)
+        if self.wheel is not None:
+            self.wheel.add(fd, self.tick)
+        self.open += 1
 
     # -- stopping -------------------------------------------------------------------------------
     def _stop_due(self, now: float) -> bool:

@@ -1,0 +1,72 @@
+"""Live connection handover: a retiring worker passes its established sockets to a successor.
+
+Each worker listens on an abstract Unix SOCK_SEQPACKET socket named after its pid. A retiring worker
+stops reading a connection, makes sure nothing it has read is still unsent, and passes the file
+descriptor with SCM_RIGHTS; whatever the client sends meanwhile waits in the kernel's receive buffer
+for the successor, so the byte stream stays whole and in order, and the client never notices.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+MAX_FDS = 250  # per message: SCM_MAX_FD is 253
+_TIMEOUT = 2.0
+
+
+def _name(pid: int) -> str:
+    return f"\0echod-handover-{pid}"
+
+
+def listen() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.bind(_name(os.getpid()))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def accept(lsock: socket.socket) -> socket.socket | None:
+    """A channel from a retiring worker; None unless the peer runs as our own user."""
+    try:
+        chan, _ = lsock.accept()
+    except BlockingIOError:
+        return None
+    creds = chan.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != os.getuid():
+        chan.close()
+        return None
+    chan.setblocking(False)
+    return chan
+
+
+def receive(chan: socket.socket) -> list[int] | None:
+    """The descriptors of one message; [] if none is ready; None once the sender is done."""
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(chan, 16, MAX_FDS)
+    except BlockingIOError:
+        return []
+    except OSError:
+        return None
+    if not data and not fds:
+        return None
+    return fds
+
+
+def connect(pid: int) -> socket.socket:
+    chan = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    chan.settimeout(_TIMEOUT)
+    try:
+        chan.connect(_name(pid))
+    except OSError:
+        chan.close()
+        raise
+    return chan
+
+
+def send(chan: socket.socket, fds: list[int]) -> None:
+    for start in range(0, len(fds), MAX_FDS):
+        socket.send_fds(chan, [b"h"], fds[start : start + MAX_FDS])
