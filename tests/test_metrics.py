@@ -61,7 +61,7 @@ SPEC_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
 # Extensions (README) that the alerting rules and the dashboard rely on.
 EXTENSION_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
     "echod_workers_configured": ("gauge", {}),
-    "echod_worker_resident_memory_bytes": ("gauge", {"slot": None, "state": None}),
+    "echod_worker_resident_memory_bytes": ("gauge", {"slot": None, "state": None, "pid": None}),
 }
 
 REQUIRED_ALERTS = {

@@ -238,6 +238,7 @@ def _daemon_main(master: object, ready_w: int) -> int:
         signal_map={},
         stderr=sys.stderr if not settings.log.file else None,
     )
+    logs.detach()  # python-daemon closes every descriptor; ours must not be reused behind our back
     try:
         context.open()
         master.pidfile_fd = pidfile.fd

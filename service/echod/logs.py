@@ -95,6 +95,16 @@ def setup(level: str = "info", fmt: str = "text", path: str = "") -> None:
     _handler = handler
 
 
+def detach() -> None:
+    """Close the log file before something else (daemonizing) closes its descriptor under us."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger("echod").removeHandler(_handler)
+        if _handler.path:
+            _handler.stream.close()
+        _handler = None
+
+
 def reopen() -> None:
     if _handler is not None:
         _handler.reopen()

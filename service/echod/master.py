@@ -8,6 +8,7 @@ reaps ever runs inside a handler.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import select
@@ -64,6 +65,9 @@ class Master:
         self.on_ready = on_ready
         self.pid = os.getpid()
         self.stats = Stats(worker_rows=2 * MAX_WORKERS + 8)
+        # Imported here, before privileges are dropped (the new user may not read the install), and
+        # only if needed: workers never carry prometheus_client.
+        self._metrics = importlib.import_module(".metrics", __package__) if metrics_sock else None
         self.generation = 1
         self.wanted = settings.worker_count
         self.workers: dict[int, WorkerProc] = {}  # pid -> worker, every generation
@@ -499,11 +503,13 @@ class Master:
     def _start_metrics(self) -> None:
         if self.metrics_sock is None or self.stopping:
             return
-        from . import metrics  # only the metrics process needs prometheus_client
-
+        if self._metrics is None:  # metrics switched on by a reload
+            self._metrics = importlib.import_module(".metrics", __package__)
         sock, timeout = self.metrics_sock, self.settings.heartbeat_timeout
         self.metrics_pid = self._fork(
-            lambda: metrics.serve(sock, self.stats, timeout, self.pid), keep=[sock], name="echod-metrics"
+            lambda: self._metrics.serve(sock, self.stats, timeout, self.pid),
+            keep=[sock],
+            name="echod-metrics",
         )
 
     def _stop_metrics(self) -> None:

@@ -36,14 +36,8 @@ class StatsCollector(Collector):
         self.stale_ms = min(HEALTH_STALE_S, heartbeat_timeout) * 1000
 
     def collect(self) -> Iterator[Metric]:
-        master, rows = self.table.snapshot()
-        workers = [row for row in rows[1:] if row[stats.STATE] != stats.STATE_FREE]
-
-        def total(field: int) -> int:
-            return sum(row[field] for row in rows)
-
-        def gauge(field: int) -> int:
-            return sum(row[field] for row in workers)
+        snap = self.table.snapshot()
+        master, workers, total, gauge = snap.master, snap.workers, snap.total, snap.gauge
 
         yield _counter("echod_connections_accepted", "Connections accepted", total(stats.ACCEPTED))
         closed = CounterMetricFamily("echod_connections_closed", "Connections closed", labels=["reason"])
@@ -102,7 +96,7 @@ class StatsCollector(Collector):
         build = GaugeMetricFamily("echod_build_info", "echod version", labels=["version"])
         build.add_metric([__version__], 1)
         yield build
-        yield self._rss(workers)
+        yield self._rss(workers, snap.others)
 
     def _current(self, master: list[int], workers: Iterable[list[int]], fresh_only: bool) -> int:
         now = stats.monotonic_ms()
@@ -115,25 +109,28 @@ class StatsCollector(Collector):
         )
 
     @staticmethod
-    def _rss(workers: Iterable[list[int]]) -> Metric:
+    def _rss(workers: list[list[int]], others: list[list[int]]) -> Metric:
+        # pid tells apart a slot's serving and retiring workers (reload, upgrade).
         family = GaugeMetricFamily(
-            "echod_worker_resident_memory_bytes", "Resident memory per worker", labels=["slot", "state"]
+            "echod_worker_resident_memory_bytes",
+            "Resident memory per worker",
+            labels=["slot", "state", "pid"],
         )
-        for row in workers:
+        for row in workers + others:
             try:
                 with open(f"/proc/{row[stats.PID]}/statm", "rb") as handle:
                     pages = int(handle.read().split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            state = "retiring" if row[stats.STATE] == stats.STATE_DRAINING else "serving"
-            family.add_metric([str(row[stats.SLOT]), state], pages * PAGE_SIZE)
+            retiring = row[stats.STATE] == stats.STATE_DRAINING or row in others
+            state = "retiring" if retiring else "serving"
+            family.add_metric([str(row[stats.SLOT]), state, str(row[stats.PID])], pages * PAGE_SIZE)
         return family
 
     def healthy(self) -> bool:
-        master, rows = self.table.snapshot()
-        workers = [row for row in rows[1:] if row[stats.STATE] != stats.STATE_FREE]
-        wanted = master[stats.M_WORKERS_WANTED]
-        return wanted > 0 and self._current(master, workers, fresh_only=True) >= wanted
+        snap = self.table.snapshot()
+        wanted = snap.master[stats.M_WORKERS_WANTED]
+        return wanted > 0 and self._current(snap.master, snap.workers, fresh_only=True) >= wanted
 
 
 def _counter(name: str, documentation: str, value: float) -> Metric:

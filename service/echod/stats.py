@@ -1,6 +1,6 @@
 """Counters shared between processes without locks.
 
-One `RawArray` of unsigned 64-bit ints is created by the master before it forks anything. Row 0 holds
+One table of unsigned 64-bit ints is created by the master before it forks anything. Row 0 holds
 the master's own state, row 1 the totals of workers that are gone, and every worker process writes only
 its own row, once a second and at exit. Aligned 8-byte stores are atomic on the platforms echod runs on,
 so readers never see a torn value; the master folds a dead worker's row into the retired row under a
@@ -9,10 +9,10 @@ sequence counter so that a reader can retry instead of seeing a sum that goes ba
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
-from collections.abc import Iterator
-from multiprocessing.sharedctypes import RawArray
-from typing import Any
+from dataclasses import dataclass
 
 # Worker row fields. Counters first (these are folded into the retired row), gauges after.
 ACCEPTED = 0
@@ -61,28 +61,56 @@ M_RELOAD_SUCCESS = 4
 M_RELOAD_FAILURE = 5
 M_LAST_RELOAD_OK = 6
 M_MASTER_PID = 7
+M_LAYOUT = 8  # LAYOUT: a successor only carries totals over from a table it understands
+M_CARRIED = 9  # 1 once the predecessor's totals are folded into ours (in-place upgrade)
+MASTER_COUNTERS = (M_WORKER_RESTARTS, M_RELOAD_SUCCESS, M_RELOAD_FAILURE)
 
 MASTER_ROW = 0
 RETIRED_ROW = 1
 FIRST_WORKER_ROW = 2
+LAYOUT = FIELDS * 1000 + COUNTERS
 
 
 def monotonic_ms() -> int:
     return int(time.monotonic() * 1000)
 
 
-class Stats:
-    """The shared table; `rows` worker rows are enough for two full generations during a reload."""
+@dataclass
+class Snapshot:
+    master: list[int]
+    rows: list[list[int]]  # every row whose counters count: retired totals and live workers
+    workers: list[list[int]]  # our own live worker rows
+    others: list[list[int]]  # a predecessor master's live worker rows (during an upgrade)
 
-    def __init__(self, worker_rows: int) -> None:
-        self.rows = FIRST_WORKER_ROW + worker_rows
-        self.array: Any = RawArray("Q", self.rows * FIELDS)
+    def total(self, field: int) -> int:
+        return sum(row[field] for row in self.rows)
+
+    def gauge(self, field: int) -> int:
+        return sum(row[field] for row in self.workers) + sum(row[field] for row in self.others)
+
+
+class Stats:
+    """The shared table, in a memfd so that an in-place upgrade can pass it to the new master.
+
+    `worker_rows` rows are enough for two full generations during a reload.
+    """
+
+    def __init__(self, worker_rows: int = 0, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("echod-stats", os.MFD_CLOEXEC)
+            os.ftruncate(fd, (FIRST_WORKER_ROW + worker_rows) * FIELDS * 8)
+        self.fd = fd
+        self.mmap = mmap.mmap(fd, 0)
+        self.words = memoryview(self.mmap).cast("Q")
+        self.rows = len(self.words) // FIELDS
         self.master = self.row(MASTER_ROW)
-        self.master[M_LAST_RELOAD_OK] = 1
+        self.predecessor: Stats | None = None
+        if self.master[M_LAYOUT] == 0:
+            self.master[M_LAYOUT] = LAYOUT
+            self.master[M_LAST_RELOAD_OK] = 1
 
     def row(self, index: int) -> memoryview:
-        start = index * FIELDS * 8
-        return memoryview(self.array).cast("B")[start : start + FIELDS * 8].cast("Q")
+        return self.words[index * FIELDS : (index + 1) * FIELDS]
 
     # -- master side ----------------------------------------------------------------------------
     def claim_row(self, pid: int, slot: int, generation: int) -> int:
@@ -107,9 +135,32 @@ class Stats:
             row[field] = 0
         master[M_SEQUENCE] += 1
 
+    def adopt_predecessor(self, fd: int) -> bool:
+        """Count an upgraded-from master's totals as ours while it drains (False: unknown layout)."""
+        other = Stats(fd=fd)
+        if other.master[M_LAYOUT] != LAYOUT:
+            return False
+        self.predecessor = other
+        return True
+
+    def carry_predecessor(self) -> None:
+        """The predecessor is gone and its rows final: fold them in, and stop reading its table."""
+        other = self.predecessor
+        if other is None:
+            return
+        _, rows = other._consistent_rows()
+        retired, master = self.row(RETIRED_ROW), self.master
+        master[M_SEQUENCE] += 1
+        for field in range(COUNTERS):
+            retired[field] += sum(row[field] for row in rows)
+        for field in MASTER_COUNTERS:
+            master[field] += other.master[field]
+        master[M_CARRIED] = 1
+        master[M_SEQUENCE] += 1
+        self.predecessor = None
+
     # -- reader side ------------------------------------------------------------------------------
-    def snapshot(self) -> tuple[list[int], list[list[int]]]:
-        """Consistent (master row, [live worker rows with the retired row first])."""
+    def _consistent_rows(self) -> tuple[list[int], list[list[int]]]:
         for _ in range(100):
             before = self.master[M_SEQUENCE]
             if before % 2 == 0:
@@ -119,8 +170,19 @@ class Stats:
             time.sleep(0.001)
         return self.master.tolist(), [self.row(i).tolist() for i in range(RETIRED_ROW, self.rows)]
 
-    def live_rows(self) -> Iterator[memoryview]:
-        for index in range(FIRST_WORKER_ROW, self.rows):
-            row = self.row(index)
-            if row[STATE] != STATE_FREE:
-                yield row
+    def snapshot(self) -> Snapshot:
+        for _ in range(100):
+            before = self.master[M_SEQUENCE]
+            master, rows = self._consistent_rows()
+            others: list[list[int]] = []
+            other = self.predecessor
+            if other is not None and not master[M_CARRIED]:
+                other_master, other_rows = other._consistent_rows()
+                rows += other_rows
+                others = [row for row in other_rows[1:] if row[STATE] != STATE_FREE]
+                for field in MASTER_COUNTERS:
+                    master[field] += other_master[field]
+            if self.master[M_SEQUENCE] == before:
+                break
+        workers = [row for row in rows[1 : self.rows - RETIRED_ROW] if row[STATE] != STATE_FREE]
+        return Snapshot(master, rows, workers, others)
