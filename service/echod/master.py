@@ -82,6 +82,7 @@ class Master:
         self.predecessor_ready_fd: int | None = None  # set when we are an in-place upgrade
         self.pidfile_fd: int | None = None  # the locked pidfile, handed on by an upgrade
         self.successor: Successor | None = None
+        self.predecessor_pid = 0  # the master we upgraded from, until it has exited
         self.watchdog_every = notify.watchdog_interval()
         self.next_watchdog = 0.0
 
@@ -227,6 +228,10 @@ class Master:
             if slot not in current and now >= self.backoff.get(slot, (0, 0.0))[1]:
                 self._spawn(slot)
         self._check_heartbeats()
+        if self.predecessor_pid and os.getppid() != self.predecessor_pid:
+            self.stats.carry_predecessor()  # its rows are final now: they become part of our totals
+            log.info("upgrade complete: old master %d has exited", self.predecessor_pid)
+            self.predecessor_pid = 0
         if self.reload_started is not None:
             self._finish_reload(now)
         elif not self.ready and self._generation_ready():
@@ -427,11 +432,17 @@ class Master:
 
     # -- in-place upgrade -------------------------------------------------------------------------
     def _upgrade(self) -> None:
+        if self.predecessor_pid:
+            log.warning("upgrade refused: the previous upgrade's old master %d is still finishing",
+                        self.predecessor_pid)  # fmt: skip
+            return
         if self.successor is not None:
             log.warning("upgrade already in progress (new master %d)", self.successor.pid)
             return
         try:
-            pid, ready_fd = upgrade.spawn(self.listeners.groups(), self.metrics_sock, self.pidfile_fd)
+            pid, ready_fd = upgrade.spawn(
+                self.listeners.groups(), self.metrics_sock, self.pidfile_fd, self.stats.fd
+            )
         except OSError as exc:
             log.error("upgrade failed: cannot start a new master: %s", exc)
             return

@@ -26,6 +26,7 @@ class Inherited:
     metrics: int | None
     ready: int
     pidfile: int | None
+    stats: int  # the old master's statistics table, so that no counter restarts from zero
 
 
 def take(environ: MutableMapping[str, str]) -> Inherited | None:
@@ -41,6 +42,7 @@ def take(environ: MutableMapping[str, str]) -> Inherited | None:
         metrics=data["metrics"],
         ready=data["ready"],
         pidfile=data["pidfile"],
+        stats=data["stats"],
     )
 
 
@@ -56,6 +58,7 @@ def spawn(
     groups: list[tuple[list[socket.socket], bool]],
     metrics_sock: socket.socket | None,
     pidfile_fd: int | None,
+    stats_fd: int,
 ) -> tuple[int, int]:
     """Start the successor; returns (its pid, read end of its readiness pipe)."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -65,8 +68,9 @@ def spawn(
         "metrics": metrics_sock.fileno() if metrics_sock is not None else None,
         "ready": ready_w,
         "pidfile": pidfile_fd,
+        "stats": stats_fd,
     }
-    fds = [fd for socks, _ in groups for fd in (sock.fileno() for sock in socks)] + [ready_w]
+    fds = [fd for socks, _ in groups for fd in (sock.fileno() for sock in socks)] + [ready_w, stats_fd]
     fds += [fd for fd in (description["metrics"], pidfile_fd) if fd is not None]
     argv = [sys.executable, "-m", "echod", *successor_args(sys.argv[1:])]
     try:
