@@ -367,7 +367,9 @@ class Worker:
     def _accept(self, lsock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = lsock.accept()
+                # _accept() is what socket.accept() calls: the bare fd, without building a socket
+                # object (and its enum conversions) only to detach it again.
+                fd, _addr = lsock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -375,7 +377,6 @@ class Worker:
                     self._shed(lsock)
                     return
                 continue  # ECONNABORTED, EPROTO...: that connection is gone, the next may not be
-            fd = conn.detach()
             if self.open >= self.max_connections:
                 os.close(fd)
                 self.counts[stats.REJECTED_LIMIT] += 1
