@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 EX_CONFIG = 78
 EX_USAGE = 2
 
-# The defaults as SPEC.md's table states them (heartbeat_timeout is the README's extension).
+# The defaults as SPEC.md's table states them (heartbeat_timeout, max_buffered_bytes and
+# max_connections_per_ip are the README's extensions).
 SPEC_DEFAULTS: dict[str, Any] = {
     "listen": ["127.0.0.1:7007"],
     "workers": 0,
@@ -33,6 +34,8 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "read_size": 65536,
     "write_buffer_high": 262144,
     "write_buffer_low": 65536,
+    "max_buffered_bytes": 64 * 1024 * 1024,
+    "max_connections_per_ip": 0,
     "idle_timeout": 300,
     "shutdown_timeout": 30,
     "heartbeat_timeout": 10,
@@ -446,6 +449,8 @@ MORE_FILE_ERRORS = [
     ("idle_timeout = nan\n", "idle_timeout", "nan"),
     ("shutdown_timeout = -5\n", "shutdown_timeout", "-5"),
     ("max_connections = 0\n", "max_connections", "0"),
+    ("max_buffered_bytes = 1000\n", "max_buffered_bytes", "1000"),
+    ("max_connections_per_ip = -1\n", "max_connections_per_ip", "-1"),
     ("write_buffer_high = 0\n", "write_buffer_high", "0"),
     ('listen = ["example.com:80"]\n', "listen", "example.com"),
     ('listen = ["127.0.0.1:"]\n', "listen", "127.0.0.1:"),

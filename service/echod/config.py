@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     read_size: int = Field(65536, ge=512, le=16 * 1024 * 1024)
     write_buffer_high: int = Field(262144, ge=1, le=1 << 30)
     write_buffer_low: int = Field(65536, ge=0, le=1 << 30)
+    max_buffered_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, le=1 << 40, description="per worker, all connections' pending output; 0 = off"
+    )
+    max_connections_per_ip: int = Field(0, ge=0, le=1_000_000, description="per worker; 0 = no limit")
     idle_timeout: float = Field(300, ge=0, le=86400 * 365)
     shutdown_timeout: float = Field(30, ge=0, le=86400)
     heartbeat_timeout: float = Field(
@@ -93,7 +97,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "workers", "backlog", "max_connections", "read_size", "write_buffer_high", "write_buffer_low",
-        "idle_timeout", "shutdown_timeout", "heartbeat_timeout", mode="before",
+        "max_buffered_bytes", "max_connections_per_ip", "idle_timeout", "shutdown_timeout",
+        "heartbeat_timeout", mode="before",
     )  # fmt: skip
     @classmethod
     def _not_bool(cls, value: Any) -> Any:
@@ -129,6 +134,11 @@ class Settings(BaseSettings):
         if self.write_buffer_low >= self.write_buffer_high:
             raise ValueError(
                 f"write_buffer_low ({self.write_buffer_low}) must be below "
+                f"write_buffer_high ({self.write_buffer_high})"
+            )
+        if 0 < self.max_buffered_bytes < self.write_buffer_high:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must be 0 or at least "
                 f"write_buffer_high ({self.write_buffer_high})"
             )
         return self

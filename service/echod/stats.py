@@ -28,15 +28,16 @@ PARTIAL_WRITES = 9
 BACKPRESSURE_PAUSES = 10
 DROPPED_BYTES = 11
 HANDED_OVER = 12  # established connections passed to a successor worker
-COUNTERS = 13
-ACTIVE = 13
-BUFFERED = 14
-PID = 15
-GENERATION = 16
-STATE = 17  # see STATE_* below
-HEARTBEAT_MS = 18  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
-SLOT = 19
-HANDOVER_PID = 20  # written by the master before it retires the worker: whom to pass connections to
+REJECTED_PER_IP = 13
+COUNTERS = 14
+ACTIVE = 14
+BUFFERED = 15
+PID = 16
+GENERATION = 17
+STATE = 18  # see STATE_* below
+HEARTBEAT_MS = 19  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
+SLOT = 20
+HANDOVER_PID = 21  # written by the master before it retires the worker: whom to pass connections to
 FIELDS = 24
 
 STATE_FREE = 0
@@ -50,7 +51,7 @@ CLOSE_REASONS = {
     "error": CLOSED_ERROR,
     "shutdown": CLOSED_SHUTDOWN,
 }
-REJECT_REASONS = {"limit": REJECTED_LIMIT, "emfile": REJECTED_EMFILE}
+REJECT_REASONS = {"limit": REJECTED_LIMIT, "emfile": REJECTED_EMFILE, "per_ip": REJECTED_PER_IP}
 
 # Master row fields.
 M_SEQUENCE = 0  # odd while the master is folding a row

@@ -45,6 +45,7 @@ _REPORTED = (
     (stats.DROPPED_BYTES, "dropped %d bytes read but not echoed (client reset, idle timeout or shutdown)"),
     (stats.REJECTED_LIMIT, "rejected %d connections: max_connections reached"),
     (stats.REJECTED_EMFILE, "rejected %d connections: out of file descriptors"),
+    (stats.REJECTED_PER_IP, "rejected %d connections: max_connections_per_ip reached"),
 )
 
 
@@ -103,6 +104,10 @@ class Worker:
         self.master_pid = master_pid
         self.read_size = settings.read_size
         self.max_connections = settings.max_connections
+        self.budget = settings.max_buffered_bytes
+        self.per_ip_limit = settings.max_connections_per_ip
+        self.per_ip: dict[str, int] = {}  # open connections by client address, when limited
+        self.peer: dict[int, str] = {}  # fd -> client address, when limited
         self.marks = Watermarks(settings.write_buffer_high, settings.write_buffer_low)
         self.counts = [0] * stats.COUNTERS
         self.reported = [0] * stats.COUNTERS  # counts already logged by _report
@@ -298,8 +303,13 @@ class Worker:
         if not self._maybe_pause(fd, conn):
             self.ep.modify(fd, READING | EPOLLOUT)
 
+    def _over_budget(self) -> bool:
+        return 0 < self.budget < self.buffered
+
     def _maybe_pause(self, fd: int, conn: Connection) -> bool:
-        if not self.marks.should_pause(conn):
+        # Its own high watermark, or the worker's budget for all pending output (max_buffered_bytes):
+        # then every connection that adds pending output stops reading until the total drains.
+        if not self.marks.should_pause(conn) and (conn.paused or not self._over_budget()):
             return False
         conn.paused = True
         self.counts[stats.BACKPRESSURE_PAUSES] += 1
@@ -317,7 +327,8 @@ class Worker:
         if n:
             self.last[fd] = self.tick
         if conn.buf:
-            if self.marks.should_resume(conn) and not conn.eof and self.outbox is None:
+            handing_over = self.outbox is not None
+            if self.marks.should_resume(conn) and not (conn.eof or handing_over or self._over_budget()):
                 conn.paused = False
                 self.ep.modify(fd, READING | EPOLLOUT)
         elif conn.__class__ is Closing:
@@ -357,6 +368,8 @@ class Worker:
         self.table[fd] = _CLOSED
         if self.wheel is not None:
             self.wheel.remove(fd)
+        if self.per_ip_limit:
+            self._forget_peer(fd)
         os.close(fd)  # also removes it from the epoll set: nothing else holds this file
         self.open -= 1
         self.counts[stats.CLOSE_REASONS[reason]] += 1
@@ -369,7 +382,7 @@ class Worker:
             try:
                 # _accept() is what socket.accept() calls: the bare fd, without building a socket
                 # object (and its enum conversions) only to detach it again.
-                fd, _addr = lsock._accept()  # type: ignore[attr-defined]
+                fd, addr = lsock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -381,9 +394,30 @@ class Worker:
                 os.close(fd)
                 self.counts[stats.REJECTED_LIMIT] += 1
                 continue
+            if self.per_ip_limit and not self._admit(fd, addr[0]):
+                os.close(fd)
+                self.counts[stats.REJECTED_PER_IP] += 1
+                continue
             os.set_blocking(fd, False)
             self._adopt(fd)
             self.counts[stats.ACCEPTED] += 1
+
+    def _admit(self, fd: int, ip: str) -> bool:
+        count = self.per_ip.get(ip, 0)
+        if count >= self.per_ip_limit:
+            return False
+        self.per_ip[ip] = count + 1
+        self.peer[fd] = ip
+        return True
+
+    def _forget_peer(self, fd: int) -> None:
+        ip = self.peer.pop(fd, None)
+        if ip is not None:
+            count = self.per_ip[ip] - 1
+            if count:
+                self.per_ip[ip] = count
+            else:
+                del self.per_ip[ip]
 
     def _shed(self, lsock: socket.socket) -> None:
         """Out of descriptors: free the reserve fd to accept-and-close what is queued (libuv's trick).
@@ -543,6 +577,8 @@ class Worker:
             self.table[fd] = _CLOSED
             if self.wheel is not None:
                 self.wheel.remove(fd)
+            if self.per_ip_limit:
+                self._forget_peer(fd)
             os.close(fd)  # the successor holds its own descriptor for the same socket
         self.open -= len(fds)
         self.counts[stats.HANDED_OVER] += len(fds)
