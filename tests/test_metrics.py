@@ -46,7 +46,7 @@ SPEC_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
     "echod_connections_accepted_total": ("counter", {}),
     "echod_connections_closed_total": ("counter", {"reason": {"client", "timeout", "error", "shutdown"}}),
     "echod_connections_active": ("gauge", {}),
-    "echod_connections_rejected_total": ("counter", {"reason": {"limit", "emfile"}}),
+    "echod_connections_rejected_total": ("counter", {"reason": {"limit", "emfile", "per_ip"}}),
     "echod_received_bytes_total": ("counter", {}),
     "echod_sent_bytes_total": ("counter", {}),
     "echod_partial_writes_total": ("counter", {}),
