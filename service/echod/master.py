@@ -228,10 +228,9 @@ class Master:
             if slot not in current and now >= self.backoff.get(slot, (0, 0.0))[1]:
                 self._spawn(slot)
         self._check_heartbeats()
-        if self.predecessor_pid and os.getppid() != self.predecessor_pid:
-            self.stats.carry_predecessor()  # its rows are final now: they become part of our totals
-            log.info("upgrade complete: old master %d has exited", self.predecessor_pid)
-            self.predecessor_pid = 0
+        self._check_predecessor()
+        if self.reload_started is None:
+            self._refresh_handover_targets()
         if self.reload_started is not None:
             self._finish_reload(now)
         elif not self.ready and self._generation_ready():
@@ -242,6 +241,25 @@ class Master:
             if worker.kill_at is not None and now >= worker.kill_at and not worker.killed:
                 self._kill(worker, signal.SIGKILL, "did not finish retiring in time")
         self._publish_state()
+
+    def _check_predecessor(self) -> None:
+        if self.predecessor_pid and os.getppid() != self.predecessor_pid:
+            self.stats.carry_predecessor()  # its rows are final now: they become part of our totals
+            log.info("upgrade complete: old master %d has exited", self.predecessor_pid)
+            self.predecessor_pid = 0
+
+    def _refresh_handover_targets(self) -> None:
+        """Point every retiring worker at the worker that serves its slot now: a later reload may
+        have retired the successor it was first given before it got round to the handover."""
+        pids = self._current_pids()
+        if not pids or not all(pids):
+            return
+        for worker in self.workers.values():
+            if worker.retiring:
+                row = self.stats.row(worker.row)
+                target = pids[worker.slot % len(pids)]
+                if row[stats.HANDOVER_PID] and row[stats.HANDOVER_PID] != target:
+                    row[stats.HANDOVER_PID] = target
 
     def _announce_ready(self) -> None:
         self.ready = True
@@ -432,6 +450,7 @@ class Master:
 
     # -- in-place upgrade -------------------------------------------------------------------------
     def _upgrade(self) -> None:
+        self._check_predecessor()
         if self.predecessor_pid:
             log.warning("upgrade refused: the previous upgrade's old master %d is still finishing",
                         self.predecessor_pid)  # fmt: skip

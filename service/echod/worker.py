@@ -131,6 +131,7 @@ class Worker:
         self.retired = False  # listeners closed for good
         self.close_deadline: float | None = None  # set once connections are being closed
         self.outbox: socket.socket | None = None  # to the successor, while handing connections over
+        self.outbox_pid = 0
         self.next_housekeeping = 0.0
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -515,6 +516,7 @@ class Worker:
                 self.row[stats.STATE] = stats.STATE_DRAINING
                 self.retire_at = now + RETIRE_ACCEPT_GRACE
                 self._drain_by(now + self.settings.shutdown_timeout)
+                self.next_housekeeping = min(self.next_housekeeping, self.retire_at)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self._retire()
                 self._begin_close(now)
@@ -534,8 +536,8 @@ class Worker:
         self.accept_resume_at = 0.0
         for sock in self.listeners:
             sock.close()  # our copy only: the master keeps the socket and its queue
-        if self.row[stats.HANDOVER_PID] and self.close_deadline is None:
-            self._hand_over(self.row[stats.HANDOVER_PID])
+        if self.close_deadline is None:
+            self._keep_handing_over()
 
     # -- live handover ----------------------------------------------------------------------------
     def _watch(self, sock: socket.socket, kind: type[_Listener]) -> None:
@@ -544,13 +546,24 @@ class Worker:
         self.table[fd] = kind(sock)
         self.ep.register(fd, EPOLLIN)
 
+    def _keep_handing_over(self) -> None:
+        """Retired: (re)connect to the successor the master names now, which may have changed since
+        (a later reload retired the first one): nothing may stay behind with a worker that exits."""
+        successor = self.row[stats.HANDOVER_PID]
+        if successor and successor != self.outbox_pid:
+            self._hand_over(successor)
+
     def _hand_over(self, successor: int) -> None:
         """Pass every connection to `successor`; those with unsent output follow once it is sent."""
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox, self.outbox_pid = None, 0
         try:
             self.outbox = handover.connect(successor)
         except OSError as exc:
-            log.warning("cannot hand connections over to worker %d (%s): serving them here", successor, exc)
+            log.warning("cannot hand connections over to worker %d (%s): retrying", successor, exc)
             return
+        self.outbox_pid = successor
         plain = []
         for fd, state in enumerate(self.table):
             if state is None:
@@ -568,8 +581,9 @@ class Worker:
             assert self.outbox is not None
             handover.send(self.outbox, fds)
         except OSError as exc:
-            log.warning("handover failed (%s): serving %d connections here", exc, len(fds))
-            self.outbox = None
+            log.warning("handover failed (%s): serving %d connections here for now", exc, len(fds))
+            self.outbox.close()  # type: ignore[union-attr]
+            self.outbox, self.outbox_pid = None, 0
             for fd in fds:
                 self.ep.register(fd, READING)
             return
@@ -591,6 +605,8 @@ class Worker:
             return
         for conn in fds:
             self._adopt(conn)
+        if self.outbox is not None:  # we are retiring ourselves: pass them straight on
+            self._send_over(fds)
 
     def _adopt(self, fd: int) -> None:
         """Serve a connection: a fresh one from accept, or an established one handed to us."""
@@ -606,6 +622,8 @@ class Worker:
     def _stop_due(self, now: float) -> bool:
         if self.retire_at is not None and now >= self.retire_at:
             self._retire()
+        elif self.retired and self.close_deadline is None:
+            self._keep_handing_over()
         if self.drain_deadline is None and self.close_deadline is None:
             return False
         if self.open == 0 and self.retired:
