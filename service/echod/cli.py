@@ -13,10 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pydantic import BaseModel
-
 from . import __version__, logs
-from .config import EX_CONFIG, ConfigError, Settings, config_path, load_settings
+from .config import EX_CONFIG, ConfigError, Settings, config_path, load_settings, setting_fields
 from .listeners import BindError
 
 EX_RUNTIME = 1
@@ -25,16 +23,8 @@ EX_UNAVAILABLE = 69  # sysexits.h: cannot bind a listen address
 
 
 def _setting_flags() -> list[tuple[str, str, Any]]:
-    """(flag, dotted key, field info) for every setting."""
-    flags = []
-    for name, field in Settings.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for sub, subfield in annotation.model_fields.items():
-                flags.append((f"--{name}-{sub}".replace("_", "-"), f"{name}.{sub}", subfield))
-        else:
-            flags.append((f"--{name}".replace("_", "-"), name, field))
-    return flags
+    """(flag, dotted key, field info) for every setting: `metrics.listen` -> `--metrics-listen`."""
+    return [("--" + key.replace(".", "-").replace("_", "-"), key, field) for key, field in setting_fields()]
 
 
 def _add_setting_options(parser: argparse.ArgumentParser) -> None:

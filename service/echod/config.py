@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -208,14 +209,20 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _check_environment(environ: Mapping[str, str]) -> None:
-    """A misspelt ECHOD_* variable is an error, as a misspelt key in the file is."""
-    known = {"ECHOD_CONFIG"}
+def setting_fields() -> Iterator[tuple[str, FieldInfo]]:
+    """Every setting as (dotted key, field), the sections' keys flattened: `metrics.listen`."""
     for name, field in Settings.model_fields.items():
-        known.add(f"ECHOD_{name.upper()}")
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            known.update(f"ECHOD_{name.upper()}__{sub.upper()}" for sub in annotation.model_fields)
+            for sub, subfield in annotation.model_fields.items():
+                yield f"{name}.{sub}", subfield
+        else:
+            yield name, field
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """A misspelt ECHOD_* variable is an error, as a misspelt key in the file is."""
+    known = {"ECHOD_CONFIG"} | {"ECHOD_" + key.upper().replace(".", "__") for key, _ in setting_fields()}
     unknown = sorted(key for key in environ if key.upper().startswith("ECHOD_") and key.upper() not in known)
     if unknown:
         raise ConfigError("\n".join(f"{key}: unknown environment variable" for key in unknown))
