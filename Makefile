@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit system-deps bench clean
+.PHONY: run test lint unit system-deps bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ $(BENCH_STAMP): $(STAMP)
 # Interleaved A/B rounds of echod against asyncio and uvloop echo servers; see bench/README.md.
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Soak test (not in CI): 10 minutes of mixed load with reloads, worker SIGKILLs, TTIN/TTOU and one USR2.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build service/*.egg-info .pytest_cache .ruff_cache

@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _config_failure(exc: ConfigError) -> int:
     print("echod: invalid configuration:", file=sys.stderr)
-    for line in str(exc).splitlines():
+    for line in str(exc).split("\n"):
         print(f"  {line}", file=sys.stderr)
     return EX_CONFIG
 
@@ -123,7 +123,8 @@ def render_toml(values: dict[str, Any]) -> str:
     # JSON scalars and arrays of them are valid TOML values, which is all the settings use.
     # ensure_ascii=False: TOML has no surrogate-pair escapes for characters outside the BMP.
     def dump(value: Any) -> str:
-        return json.dumps(value, ensure_ascii=False)
+        # TOML must have DEL escaped too, which JSON leaves alone.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
     lines = [f"{key} = {dump(value)}" for key, value in values.items() if not isinstance(value, dict)]
     for key, value in values.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -30,6 +31,7 @@ from .listeners import Address, parse_address
 DEFAULT_CONFIG_PATH = Path("/etc/echod/echod.toml")
 EX_CONFIG = 78  # sysexits.h EX_CONFIG, as SPEC.md demands
 MAX_WORKERS = 256
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 # The TOML file chosen for the load in progress; read by settings_customise_sources, which pydantic
 # calls as a classmethod and so cannot take it as an argument.
@@ -237,9 +239,14 @@ def _in_file(values: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
     return True
 
 
+def _quote_key(part: str) -> str:
+    # Bare keys as written in TOML; anything else quoted, so that "" or a key with a newline shows.
+    return part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+
+
 def _describe(exc: ValidationError, path: Path | None, file_values: Mapping[str, Any]) -> Iterator[str]:
     for error in exc.errors(include_url=False):
-        key = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        key = ".".join(_quote_key(str(part)) for part in error["loc"]) or "(settings)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             where = f" in {path}" if path and _in_file(file_values, error["loc"]) else ""

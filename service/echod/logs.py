@@ -95,6 +95,13 @@ def setup(level: str = "info", fmt: str = "text", path: str = "") -> None:
     _handler = handler
 
 
+def check_file(path: str) -> None:
+    """Raise OSError if `path` (when set) cannot be opened for appending."""
+    if path:
+        with open(path, "a", encoding="utf-8"):
+            pass
+
+
 def detach() -> None:
     """Close the log file before something else (daemonizing) closes its descriptor under us."""
     global _handler

@@ -396,23 +396,28 @@ class Master:
     def _reload(self) -> None:
         log.info("reloading configuration")
         notify.reloading("reloading")
+        if self.reload_started is not None:  # a newer configuration supersedes one still starting
+            self._count_reload_success(superseded=True)
+        held = set(self.listeners.addresses)
         try:
             new = self.load()
+            logs.check_file(new.log.file)
             addresses = new.addresses
             if self.listeners.shared:  # socket-activated: systemd owns the addresses
                 addresses = self.listeners.addresses
             self.listeners.open(addresses, max(new.worker_count, self.wanted))
             metrics_sock = self._rebind_metrics(new)
-        except (ConfigError, BindError) as exc:
+        except (ConfigError, BindError, OSError) as exc:
+            for address in set(self.listeners.addresses) - held:  # bound for a reload that failed
+                self.listeners.close_address(address)
             self._reload_failed(str(exc))
             return
-        old_addresses = set(self.listeners.addresses) - set(addresses)
         logs.setup(new.log.level, new.log.format, new.log.file)
         self.settings = new
         self.generation += 1
         self.wanted = new.worker_count
         self.reload_started = time.monotonic()
-        self.pending_close = old_addresses
+        self.pending_close = (self.pending_close | held) - set(addresses)
         if metrics_sock is not self.metrics_sock:
             self._stop_metrics()
             if self.metrics_sock is not None:
@@ -422,6 +427,14 @@ class Master:
         for slot in range(self.wanted):
             self._spawn(slot)
         self._publish_state()
+
+    def _count_reload_success(self, superseded: bool = False) -> None:
+        self.stats.master[stats.M_RELOAD_SUCCESS] += 1
+        self.stats.master[stats.M_LAST_RELOAD_OK] = 1
+        if superseded:
+            log.info("reload to generation %d superseded by a newer one", self.generation)
+        else:
+            log.info("reload complete: generation %d, %d workers", self.generation, self.wanted)
 
     def _reload_failed(self, why: str) -> None:
         log.error("reload failed, keeping the running configuration:\n%s", why)
@@ -443,9 +456,8 @@ class Master:
         for address in self.pending_close:
             self.listeners.close_address(address)
         self.reload_started = None
-        self.stats.master[stats.M_RELOAD_SUCCESS] += 1
-        self.stats.master[stats.M_LAST_RELOAD_OK] = 1
-        log.info("reload complete: generation %d, %d workers", self.generation, self.wanted)
+        self.pending_close = set()
+        self._count_reload_success()
         notify.notify("READY=1", f"STATUS={self._status_line()}")
 
     # -- in-place upgrade -------------------------------------------------------------------------

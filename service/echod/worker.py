@@ -411,6 +411,17 @@ class Worker:
         self.peer[fd] = ip
         return True
 
+    def _count_peer(self, fd: int) -> None:
+        sock = _sock_for(fd)
+        try:
+            ip = sock.getpeername()[0]
+        except OSError:
+            return
+        finally:
+            sock.detach()
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.peer[fd] = ip
+
     def _forget_peer(self, fd: int) -> None:
         ip = self.peer.pop(fd, None)
         if ip is not None:
@@ -605,6 +616,8 @@ class Worker:
             return
         for conn in fds:
             self._adopt(conn)
+            if self.per_ip_limit:  # count it against its address (never refused: it is established)
+                self._count_peer(conn)
         if self.outbox is not None:  # we are retiring ourselves: pass them straight on
             self._send_over(fds)
 
