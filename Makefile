@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit system-deps bench soak clean
+.PHONY: run test lint system-deps bench bench-io soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,6 @@ lint: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest tests
 
-unit: $(STAMP)
-	$(BIN)/pytest tests -m "not integration"
-
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
@@ -36,6 +33,11 @@ $(BENCH_STAMP): $(STAMP)
 # Interleaved A/B rounds of echod against asyncio and uvloop echo servers; see bench/README.md.
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The Linux IO models measured: thread-per-connection, select, poll, epoll LT/ET and echod vs idle
+# connections; see docs/io-models.md.
+bench-io: $(BENCH_STAMP)
+	$(BIN)/python bench/io_models/run.py $(BENCH_IO_ARGS)
 
 # Soak test (not in CI): 10 minutes of mixed load with reloads, worker SIGKILLs, TTIN/TTOU and one USR2.
 soak: $(STAMP)
