@@ -85,3 +85,9 @@ def test_unwritable_log_file_is_a_config_error(tmp_path: Path):
     )
     assert result.returncode == 78, result.stderr
     assert "log.file" in result.stderr
+
+
+def test_backlog_above_somaxconn_is_warned(echod):
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    daemon = echod("--backlog", str(somaxconn + 1), workers=1)
+    assert f"backlog {somaxconn + 1} is capped at net.core.somaxconn={somaxconn}" in daemon.log()
