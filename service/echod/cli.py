@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(args)
 
 
-def _config_failure(exc: ConfigError) -> int:
+def config_failure(exc: ConfigError) -> int:
     print("echod: invalid configuration:", file=sys.stderr)
     for line in str(exc).split("\n"):
         print(f"  {line}", file=sys.stderr)
@@ -114,7 +114,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         settings = load_from_args(args)()
     except ConfigError as exc:
-        return _config_failure(exc)
+        return config_failure(exc)
     print(render_toml(settings.effective()), end="")
     return 0
 
@@ -145,7 +145,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, int]:
     try:
         settings = load()
     except ConfigError as exc:
-        return None, _config_failure(exc)
+        return None, config_failure(exc)
     try:
         logs.setup(settings.log.level, settings.log.format, settings.log.file)
     except OSError as exc:

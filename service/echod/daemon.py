@@ -112,21 +112,21 @@ def drop_privileges(user: str, group: str) -> None:
 
 
 # -- commands ------------------------------------------------------------------------------------
-def _pidfile_path(args: argparse.Namespace) -> Path | int:
+def _pidfile_path(args: argparse.Namespace) -> Path:
+    """--pidfile, else daemon.pidfile of the configuration (exits 78 if that is invalid)."""
     if args.pidfile:
         return Path(args.pidfile)
+    from .cli import config_failure
+
     try:
         settings = load_settings({}, config_path(args.config, os.environ))
     except ConfigError as exc:
-        print(f"echod: invalid configuration:\n  {exc}", file=sys.stderr)
-        return 78
+        raise SystemExit(config_failure(exc)) from None
     return Path(settings.daemon.pidfile)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     path = _pidfile_path(args)
-    if isinstance(path, int):
-        return path
     pid = running_pid(path)
     if pid is not None:
         print(f"echod is running (pid {pid})")
@@ -139,10 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    path = _pidfile_path(args)
-    if isinstance(path, int):
-        return path
-    pid = running_pid(path)
+    pid = running_pid(_pidfile_path(args))
     if pid is None:
         print("echod is not running", file=sys.stderr)
         return 1
@@ -152,8 +149,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     path = _pidfile_path(args)
-    if isinstance(path, int):
-        return path
     pid = running_pid(path)
     if pid is None:
         print("echod is not running")
