@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -229,3 +230,38 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
             break
         chunks += data
     return bytes(chunks)
+
+
+def push_until_stuck(
+    socks: list[socket.socket], budget: int, deadline: float, quiet: float = 0.5, block_size: int = 256 * 1024
+) -> int:
+    """Send up to `budget` bytes on each non-blocking socket (never reading) until nothing more moves.
+
+    Returns the bytes sent in all. Stops once no socket has taken a byte for `quiet` seconds, when every
+    budget is spent, or at `deadline`.
+    """
+    block = random.randbytes(block_size)
+    left = {sock: budget for sock in socks}
+    total = 0
+    last_progress = time.monotonic()
+    while left and time.monotonic() < deadline:
+        moved = 0
+        for sock in list(left):
+            while left[sock]:
+                try:
+                    n = sock.send(block[: min(len(block), left[sock])])
+                except BlockingIOError:
+                    break
+                left[sock] -= n
+                moved += n
+            if not left[sock]:
+                del left[sock]
+        total += moved
+        now = time.monotonic()
+        if moved:
+            last_progress = now
+        elif now - last_progress > quiet:
+            break
+        else:
+            time.sleep(0.02)
+    return total

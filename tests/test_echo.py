@@ -25,6 +25,7 @@ from conftest import (
     free_port,
     has_ipv6,
     open_fds,
+    push_until_stuck,
     recv_exactly,
     rss_bytes,
     wait_for,
@@ -101,39 +102,6 @@ def recv_or_reset(sock: socket.socket, size: int = 1) -> bytes:
         return sock.recv(size)
     except ConnectionResetError:
         return b""
-
-
-def push_until_stuck(socks: list[socket.socket], budget: int, deadline: float, quiet: float = 0.5) -> int:
-    """Send up to `budget` bytes on each non-blocking socket (never reading) until nothing more moves.
-
-    Returns the bytes sent in all. Stops once no socket has taken a byte for `quiet` seconds, when every
-    budget is spent, or at `deadline`.
-    """
-    block = random.randbytes(256 * KIB)
-    left = {sock: budget for sock in socks}
-    total = 0
-    last_progress = time.monotonic()
-    while left and time.monotonic() < deadline:
-        moved = 0
-        for sock in list(left):
-            while left[sock]:
-                try:
-                    n = sock.send(block[: min(len(block), left[sock])])
-                except BlockingIOError:
-                    break
-                left[sock] -= n
-                moved += n
-            if not left[sock]:
-                del left[sock]
-        total += moved
-        now = time.monotonic()
-        if moved:
-            last_progress = now
-        elif now - last_progress > quiet:
-            break
-        else:
-            time.sleep(0.02)
-    return total
 
 
 def connect_small_buffers(

@@ -28,7 +28,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, alive, echo_roundtrip, free_port, open_fds, recv_exactly, rss_bytes, wait_for
+from conftest import (
+    Daemon,
+    alive,
+    echo_roundtrip,
+    free_port,
+    open_fds,
+    push_until_stuck,
+    recv_exactly,
+    rss_bytes,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -121,39 +131,6 @@ def connect_from(daemon: Daemon, source: str) -> socket.socket:
     sock = socket.create_connection((daemon.host, daemon.port), timeout=LIVENESS, source_address=(source, 0))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def push_until_stuck(socks: list[socket.socket], budget: int, deadline: float, quiet: float = 1.0) -> int:
-    """Send up to `budget` bytes on each non-blocking socket, never reading, until nothing moves.
-
-    Returns the bytes sent in all. Stops once no socket has taken a byte for `quiet` seconds, when every
-    budget is spent, or at `deadline`.
-    """
-    block = random.randbytes(64 * KIB)
-    left = {sock: budget for sock in socks}
-    total = 0
-    last_progress = time.monotonic()
-    while left and time.monotonic() < deadline:
-        moved = 0
-        for sock in list(left):
-            while left[sock]:
-                try:
-                    n = sock.send(block[: min(len(block), left[sock])])
-                except BlockingIOError:
-                    break
-                left[sock] -= n
-                moved += n
-            if not left[sock]:
-                del left[sock]
-        total += moved
-        now = time.monotonic()
-        if moved:
-            last_progress = now
-        elif now - last_progress > quiet:
-            break
-        else:
-            time.sleep(0.05)
-    return total
 
 
 def reset(sock: socket.socket) -> None:
@@ -282,7 +259,7 @@ def test_thousand_slow_readers_stay_within_the_memory_bound(echod):
         sampler.start()
         for _ in range(readers):
             stuck.append(stuck_client(daemon))
-        pushed = push_until_stuck(stuck, 4 * MIB, time.monotonic() + 60, quiet=1.5)
+        pushed = push_until_stuck(stuck, 4 * MIB, time.monotonic() + 60, quiet=1.5, block_size=64 * KIB)
         steady = wait_metrics(
             daemon,
             lambda m: m[ACTIVE] == conns and m[BUFFERED] > budget,
@@ -346,7 +323,7 @@ def test_mass_reset_with_pending_output(echod):
 
     victims = [stuck_client(daemon) for _ in range(victims_n)]
     try:
-        push_until_stuck(victims, 8 * MIB, time.monotonic() + 60, quiet=1.5)
+        push_until_stuck(victims, 8 * MIB, time.monotonic() + 60, quiet=1.5, block_size=64 * KIB)
         # Every victim paused at its high watermark: echod itself holds output for each of them.
         held = wait_metrics(
             daemon,
