@@ -297,6 +297,28 @@ def test_daemon_lifecycle(ctl: Ctl) -> None:
     assert not echoes("127.0.0.1", port, timeout=2.0)
 
 
+def test_upgrade_of_a_started_daemon_hands_over_the_pidfile(ctl: Ctl) -> None:
+    """SIGUSR2 to a daemon from `echod start`: the new master takes over the locked pidfile."""
+    port = free_port()
+    started = ctl.start(port)
+    assert started.returncode == 0, started.stderr + log_of(ctl.log)
+    old = ctl.pid()
+    os.kill(old, signal.SIGUSR2)
+    wait_for(lambda: ctl.pid() != old, LIVENESS, "the pidfile to name the new master")
+    new = ctl.pid()
+    wait_for(lambda: not alive(old), LIVENESS, "the old master to exit")
+    assert comm(new) == "echod-master" and alive(new), log_of(ctl.log)
+    assert "upgrade failed" not in log_of(ctl.log), log_of(ctl.log)
+    assert_echo(port)
+    status = ctl.ctl("status")
+    assert status.returncode == 0 and str(new) in status.stdout, status.stdout + status.stderr
+    stop = ctl.ctl("stop")
+    assert stop.returncode == 0, stop.stdout + stop.stderr + log_of(ctl.log)
+    wait_for(lambda: not alive(new), LIVENESS, "the new master to be gone")
+    assert ctl.ctl("status").returncode == 3
+    assert not ctl.pidfile.exists()
+
+
 def test_stale_pidfile_reported_and_does_not_block_start(ctl: Ctl) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait(CMD_TIMEOUT)

@@ -177,6 +177,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, int]:
     if inherited is not None:
         master.predecessor_ready_fd = inherited.ready
         master.pidfile_fd = inherited.pidfile
+        master.pidfile_inherited = inherited.pidfile is not None
         master.predecessor_pid = os.getppid()
         if not master.stats.adopt_predecessor(inherited.stats):
             log.warning("upgrade: the old master's statistics have another layout; counters restart")

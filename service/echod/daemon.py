@@ -213,7 +213,7 @@ def _daemon_main(master: object, ready_w: int) -> int:
 
     assert isinstance(master, Master)
     settings = master.settings
-    keep = [*master.listeners.filenos(), ready_w]
+    keep = [*master.listeners.filenos(), ready_w, master.stats.fd]  # stats: an upgrade hands it on
     if master.metrics_sock is not None:
         keep.append(master.metrics_sock.fileno())
 

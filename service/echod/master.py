@@ -81,6 +81,7 @@ class Master:
         self.pending_close: set[Address] = set()  # addresses to close once a reload completes
         self.predecessor_ready_fd: int | None = None  # set when we are an in-place upgrade
         self.pidfile_fd: int | None = None  # the locked pidfile, handed on by an upgrade
+        self.pidfile_inherited = False  # from the master we upgraded: ours to remove at exit
         self.successor: Successor | None = None
         self.predecessor_pid = 0  # the master we upgraded from, until it has exited
         self.watchdog_every = notify.watchdog_interval()
@@ -114,9 +115,23 @@ class Master:
             busy = self.reload_started is not None or self.successor is not None or not self.ready
             self._wait(0.05 if busy else 1.0)
         self._stop_metrics()
+        self._release_inherited_pidfile()
         notify.status("stopped")
         log.info("echod stopped")
         return 0
+
+    def _release_inherited_pidfile(self) -> None:
+        """An upgraded master took the pidfile over from `echod start`: remove it as that would have."""
+        if not self.pidfile_inherited or self.pidfile_fd is None:
+            return
+        path = self.settings.daemon.pidfile
+        try:
+            if os.path.samestat(os.fstat(self.pidfile_fd), os.stat(path)):
+                os.unlink(path)
+        except OSError:
+            pass
+        os.close(self.pidfile_fd)
+        self.pidfile_fd = None
 
     def _ping_watchdog(self) -> None:
         # From the master's own loop, so it proves the loop turns (a side thread would not).
@@ -502,7 +517,7 @@ class Master:
     def _upgrade_failed(self, why: str) -> None:
         successor = self.successor
         assert successor is not None
-        log.error("upgrade failed, this master keeps serving: new master %d %s", successor.pid, why)
+        log.error("upgrade failed, this master keeps serving: new master %d: %s", successor.pid, why)
         os.close(successor.ready_fd)
         try:
             os.kill(successor.pid, signal.SIGTERM)
