@@ -6,12 +6,20 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint system-deps bench bench-io soak clean
 
+RUN_STAMP := $(VENV)/.run-installed
+
+# `make run` needs only echod and its three dependencies; the test tools come with `make test`.
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/echod run
 
 # Debian packages the integration tests drive for real (promtool, prometheus, haproxy, systemd-analyze).
