@@ -265,3 +265,22 @@ def push_until_stuck(
         else:
             time.sleep(0.02)
     return total
+
+
+def wait_metrics(
+    daemon: Daemon, predicate: Callable[[dict[str, float]], object], what: str, timeout: float = 10.0
+) -> dict[str, float]:
+    """Poll /metrics until predicate(samples) holds; on timeout the failure shows the last echod_* samples."""
+    last: dict[str, float] = {}
+
+    def check() -> object:
+        nonlocal last
+        last = daemon.metrics()
+        return predicate(last)
+
+    try:
+        wait_for(check, timeout, what)
+    except AssertionError as exc:
+        shown = {k: v for k, v in sorted(last.items()) if k.startswith("echod_") and "master" not in k}
+        raise AssertionError(f"{exc}; last metrics: {shown}\nlog:\n{daemon.log()[-4000:]}") from None
+    return last

@@ -29,6 +29,7 @@ from conftest import (
     recv_exactly,
     rss_bytes,
     wait_for,
+    wait_metrics,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -69,25 +70,6 @@ def assert_same_bytes(got: bytes | bytearray, expected: bytes, what: str = "echo
     raise AssertionError(
         f"{what}: got {len(got)} bytes, expected {len(expected)}; first difference at offset {first}"
     )
-
-
-def wait_metrics(
-    daemon: Daemon, predicate: Callable[[dict[str, float]], object], what: str, timeout: float = 10.0
-) -> dict[str, float]:
-    """Poll /metrics until predicate(samples) holds; on timeout the failure shows the last echod_* samples."""
-    last: dict[str, float] = {}
-
-    def check() -> object:
-        nonlocal last
-        last = daemon.metrics()
-        return predicate(last)
-
-    try:
-        wait_for(check, timeout, what)
-    except AssertionError as exc:
-        shown = {k: v for k, v in sorted(last.items()) if k.startswith("echod_") and "master" not in k}
-        raise AssertionError(f"{exc}; last metrics: {shown}\nlog:\n{daemon.log()[-4000:]}") from None
-    return last
 
 
 def one_worker(daemon: Daemon) -> int:

@@ -14,6 +14,7 @@ hold a byte itself.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import selectors
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import conftest
 import pytest
 from conftest import (
     Daemon,
@@ -68,24 +70,8 @@ def rejected(reason: str) -> str:
 
 # -- helpers ------------------------------------------------------------------------------------------
 
-
-def wait_metrics(
-    daemon: Daemon, predicate: Callable[[dict[str, float]], object], what: str, timeout: float = LIVENESS
-) -> dict[str, float]:
-    """Poll /metrics until predicate(samples) holds; a timeout shows the last echod_* samples and the log."""
-    last: dict[str, float] = {}
-
-    def check() -> object:
-        nonlocal last
-        last = daemon.metrics()
-        return predicate(last)
-
-    try:
-        wait_for(check, timeout, what)
-    except AssertionError as exc:
-        shown = {k: v for k, v in sorted(last.items()) if k.startswith("echod_") and "master" not in k}
-        raise AssertionError(f"{exc}; last metrics: {shown}\nlog:\n{daemon.log()[-4000:]}") from None
-    return last
+# Fault injection works the daemon harder than the plain echo tests: a more generous default deadline.
+wait_metrics = functools.partial(conftest.wait_metrics, timeout=LIVENESS)
 
 
 def delta(now: dict[str, float], base: dict[str, float], name: str) -> float:
