@@ -252,14 +252,14 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> tuple[list
     """(argv, environment, extra port to wait for or 0) of server `name` listening on port."""
     env = dict(os.environ)
     py = sys.executable
-    if name in ("echod", "echod_nometrics"):
+    if name in ("echod", "echod_nometrics", "echod_splice"):
         for key in [k for k in env if k.startswith("ECHOD_")]:
             del env[key]  # defaults + the flags below only, whatever the caller's environment says
         if importlib.util.find_spec("echod") is None:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [os.path.join(REPO, "service"), env.get("PYTHONPATH")])
             )
-        metrics = name == "echod" and args.metrics != "off"
+        metrics = name != "echod_nometrics" and args.metrics != "off"
         mport = free_port() if metrics else 0
         argv = [
             py, "-m", "echod", "run",
@@ -269,6 +269,7 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> tuple[list
             "--backlog", "4096",  # as the baselines
             "--max-connections", "20000",  # the rss scenario holds 10,000 (default limit: 10,000)
             "--metrics-listen", f"{HOST}:{mport}" if metrics else "",
+            "--io-mode", "splice" if name == "echod_splice" else "copy",
         ]  # fmt: skip
         return argv, env, mport
     if name in ("asyncio_proto", "uvloop_proto"):
@@ -693,6 +694,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="echod's Prometheus endpoint; 'both' also runs echod_nometrics (default: on)",
     )
     ap.add_argument(
+        "--io-mode",
+        choices=["copy", "both"],
+        default="copy",
+        help="'both' also runs echod_splice: echod with io_mode = \"splice\" (default: %(default)s)",
+    )
+    ap.add_argument(
         "--server",
         action="append",
         default=[],
@@ -723,7 +730,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.servers = list(dict.fromkeys(s for s in args.servers.split(",") if s))
     if args.metrics == "both" and "echod" in args.servers and "echod_nometrics" not in args.servers:
         args.servers.insert(args.servers.index("echod") + 1, "echod_nometrics")
-    known = {"echod", "echod_nometrics", "asyncio_proto", "uvloop_proto", *args.custom}
+    if args.io_mode == "both" and "echod" in args.servers and "echod_splice" not in args.servers:
+        args.servers.insert(args.servers.index("echod") + 1, "echod_splice")
+    known = {"echod", "echod_nometrics", "echod_splice", "asyncio_proto", "uvloop_proto", *args.custom}
     for s in args.servers:
         if s not in known:
             ap.error(f"unknown server {s!r}; known: {', '.join(sorted(known))}")

@@ -57,7 +57,14 @@ TOP_LEVEL = {
     "idle_timeout": "float",
     "shutdown_timeout": "float",
     "heartbeat_timeout": "float",
+    "io_mode": "io_mode",
+    "proxy_protocol_timeout": "float",
+    "udp_listen": "addresses",
+    "udp_rate_packets": "float",
+    "udp_rate_bytes": "float",
+    "udp_max_sources": "int",
 }
+TABLES = {"listeners"}  # tables whose keys are listen addresses, not fixed names
 SECTIONS = {
     "metrics": {"listen": "address"},
     "log": {"level": "level", "format": "format", "file": "str"},
@@ -65,7 +72,7 @@ SECTIONS = {
 }
 KIND = {**TOP_LEVEL, **{f"{s}.{k}": kind for s, keys in SECTIONS.items() for k, kind in keys.items()}}
 ENV_NAMES = [f"ECHOD_{key.upper().replace('.', '__')}" for key in KIND] + [
-    f"ECHOD_{section.upper()}" for section in SECTIONS
+    f"ECHOD_{section.upper()}" for section in (*SECTIONS, *TABLES)
 ]
 
 
@@ -183,6 +190,8 @@ def plausible(kind: str) -> st.SearchStrategy[Any]:
         return st.sampled_from(["debug", "info", "warning", "error", "INFO", "trace", ""])
     if kind == "format":
         return st.sampled_from(["text", "json", "JSON", "xml", ""])
+    if kind == "io_mode":
+        return st.sampled_from(["copy", "splice", "SPLICE", "zero-copy", ""])
     return st.one_of(weird_text, odd_strings, st.just("/tmp/echod.log"))
 
 
@@ -210,6 +219,18 @@ def section(name: str) -> st.SearchStrategy[Any]:
     return st.one_of(table, table, with_unknown, values)  # mostly a table, now and then anything
 
 
+listener_options = st.one_of(
+    st.fixed_dictionaries({}, optional={"proxy_protocol": st.one_of(st.booleans(), st.booleans(), values)}),
+    st.dictionaries(weird_text, values, max_size=2),
+)
+listeners_table = st.one_of(
+    st.dictionaries(
+        st.sampled_from(["127.0.0.1:7007", "127.0.0.1:7008", "[::1]:7007"]), listener_options, max_size=2
+    ),
+    st.dictionaries(address, listener_options, max_size=2),
+    values,
+)
+
 documents = st.builds(
     lambda known, unknown: {**unknown, **known},
     st.fixed_dictionaries(
@@ -217,12 +238,17 @@ documents = st.builds(
         optional={
             **{key: setting_value(kind) for key, kind in TOP_LEVEL.items()},
             **{name: section(name) for name in SECTIONS},
+            "listeners": listeners_table,
         },
     ),
     st.one_of(
         st.just({}),
         st.just({}),
-        st.dictionaries(weird_text.filter(lambda k: k not in KIND and k not in SECTIONS), values, max_size=3),
+        st.dictionaries(
+            weird_text.filter(lambda k: k not in KIND and k not in SECTIONS and k not in TABLES),
+            values,
+            max_size=3,
+        ),
     ),
 )
 
@@ -347,7 +373,7 @@ def check_properties(workdir: Path, doc: dict[str, Any], env: dict[str, str]) ->
         effective = tomllib.loads(out)
     except tomllib.TOMLDecodeError as exc:
         pytest.fail(f"check-config printed settings that are not TOML ({exc})\n{shown}")
-    assert effective.keys() == {*TOP_LEVEL, *SECTIONS}, shown
+    assert effective.keys() == {*TOP_LEVEL, *SECTIONS, *TABLES}, shown
     for name, keys in SECTIONS.items():
         assert effective[name].keys() == keys.keys(), shown
     # The printed settings are a configuration file that reads back to the same settings.

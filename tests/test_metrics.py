@@ -44,7 +44,11 @@ TOOL_TIMEOUT = 60.0
 # SPEC.md "Health and metrics": name -> (type, {label: the exact set of values, or None for any}).
 SPEC_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
     "echod_connections_accepted_total": ("counter", {}),
-    "echod_connections_closed_total": ("counter", {"reason": {"client", "timeout", "error", "shutdown"}}),
+    # proxy_protocol and rejected are extensions (PROXY protocol listeners, README).
+    "echod_connections_closed_total": (
+        "counter",
+        {"reason": {"client", "timeout", "error", "shutdown", "proxy_protocol", "rejected"}},
+    ),
     "echod_connections_active": ("gauge", {}),
     "echod_connections_rejected_total": ("counter", {"reason": {"limit", "emfile", "per_ip"}}),
     "echod_received_bytes_total": ("counter", {}),
@@ -62,6 +66,15 @@ SPEC_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
 EXTENSION_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
     "echod_workers_configured": ("gauge", {}),
     "echod_worker_resident_memory_bytes": ("gauge", {"slot": None, "state": None, "pid": None}),
+    # UDP echo (udp_listen): exposed, zero, even while UDP is off.
+    "echod_udp_received_packets_total": ("counter", {}),
+    "echod_udp_received_bytes_total": ("counter", {}),
+    "echod_udp_sent_packets_total": ("counter", {}),
+    "echod_udp_sent_bytes_total": ("counter", {}),
+    "echod_udp_dropped_packets_total": (
+        "counter",
+        {"reason": {"source_port", "rate_limit", "too_many_sources", "send_failed"}},
+    ),
 }
 
 REQUIRED_ALERTS = {

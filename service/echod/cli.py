@@ -14,7 +14,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, logs
-from .config import EX_CONFIG, ConfigError, Settings, config_path, load_settings, setting_fields
+from .config import (
+    EX_CONFIG,
+    ConfigError,
+    Settings,
+    config_path,
+    load_settings,
+    quote_key,
+    setting_fields,
+)
 from .listeners import BindError
 
 EX_RUNTIME = 1
@@ -34,7 +42,7 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (override the file and the environment)")
     for flag, key, field in _setting_flags():
         help_text = field.description or f"{key} (default {field.get_default(call_default_factory=True)!r})"
-        if key == "listen":
+        if key in ("listen", "udp_listen"):
             group.add_argument(
                 flag, dest=key, action="append", metavar="HOST:PORT", help="repeatable; " + help_text
             )
@@ -119,18 +127,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_toml(values: dict[str, Any]) -> str:
+def render_toml(values: dict[str, Any], prefix: str = "") -> str:
     # JSON scalars and arrays of them are valid TOML values, which is all the settings use.
     # ensure_ascii=False: TOML has no surrogate-pair escapes for characters outside the BMP.
     def dump(value: Any) -> str:
         # TOML must have DEL escaped too, which JSON leaves alone.
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
-    lines = [f"{key} = {dump(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    lines = [
+        f"{quote_key(key)} = {dump(value)}" for key, value in values.items() if not isinstance(value, dict)
+    ]
     for key, value in values.items():
         if isinstance(value, dict):
-            lines += ["", f"[{key}]"] + [f"{sub} = {dump(item)}" for sub, item in value.items()]
-    return "\n".join(lines) + "\n"
+            table = prefix + quote_key(key)
+            lines += ["", f"[{table}]", *render_toml(value, table + ".").rstrip("\n").split("\n")]
+    text = "\n".join(lines) + "\n"
+    return text if prefix else text.lstrip("\n")
 
 
 def prepare(args: argparse.Namespace) -> tuple[Any, int]:
@@ -166,7 +178,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, int]:
             address = listeners.adopt([sock], shared=True)
             log.info("using socket-activated listener %s (listen setting ignored)", address)
         if not listeners.shared:
-            listeners.open(settings.addresses, settings.worker_count)
+            listeners.open(settings.all_addresses, settings.worker_count)
         if metrics_sock is None:
             metrics_sock = bind_metrics(settings.metrics.listen)
     except BindError as exc:
@@ -190,7 +202,7 @@ def _adopt_inherited(inherited: Any, listeners: Any, settings: Settings) -> Any:
 
     from .listeners import Address, parse_address
 
-    wanted = set(settings.addresses)
+    wanted = set(settings.all_addresses)
     for fds, shared in inherited.groups:
         socks = [socket.socket(fileno=fd) for fd in fds]
         address = listeners.adopt(socks, shared)

@@ -6,6 +6,7 @@ reload can never accept what a start would refuse.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -69,6 +70,14 @@ class DaemonSettings(_Section):
     group: str = ""
 
 
+class ListenerOptions(_Section):
+    proxy_protocol: bool = Field(
+        False,
+        strict=True,  # true or false, not "yes" or 1
+        description="connections start with a PROXY protocol v1 or v2 header (HAProxy send-proxy)",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ECHOD_",
@@ -94,6 +103,28 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(
         10, ge=1, le=3600, description="extension: a worker silent this long is killed and replaced"
     )
+    io_mode: Literal["copy", "splice"] = Field(
+        "copy", description='"splice": echo through a pipe with splice(2), bytes never enter Python'
+    )
+    listeners: Annotated[dict[str, ListenerOptions], NoDecode] = Field(
+        default_factory=dict,
+        description='per-listen-address options, JSON: {"HOST:PORT": {"proxy_protocol": true}}',
+    )
+    proxy_protocol_timeout: float = Field(
+        5, gt=0, le=3600, description="seconds a PROXY protocol listener waits for the header"
+    )
+    udp_listen: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="UDP echo addresses (off when empty)"
+    )
+    udp_rate_packets: float = Field(
+        100, gt=0, le=1e9, description="UDP datagrams per second answered per source address"
+    )
+    udp_rate_bytes: float = Field(
+        262144, gt=0, le=1e12, description="UDP bytes per second answered per source address"
+    )
+    udp_max_sources: int = Field(
+        16384, ge=1, le=10_000_000, description="per worker: source addresses rate-limited at once"
+    )
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
@@ -101,7 +132,8 @@ class Settings(BaseSettings):
     @field_validator(
         "workers", "backlog", "max_connections", "read_size", "write_buffer_high", "write_buffer_low",
         "max_buffered_bytes", "max_connections_per_ip", "idle_timeout", "shutdown_timeout",
-        "heartbeat_timeout", mode="before",
+        "heartbeat_timeout", "proxy_protocol_timeout", "udp_rate_packets", "udp_rate_bytes",
+        "udp_max_sources", mode="before",
     )  # fmt: skip
     @classmethod
     def _not_bool(cls, value: Any) -> Any:
@@ -110,7 +142,7 @@ class Settings(BaseSettings):
             raise ValueError("expected a number, not a boolean")
         return value
 
-    @field_validator("listen", mode="before")
+    @field_validator("listen", "udp_listen", mode="before")
     @classmethod
     def _split_listen(cls, value: Any) -> Any:
         # From the environment the list arrives as text: accept JSON or "a,b".
@@ -121,7 +153,13 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("listen")
+    @field_validator("listeners", mode="before")
+    @classmethod
+    def _decode_listeners(cls, value: Any) -> Any:
+        # From a flag or the environment the table arrives as JSON text.
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("listen", "udp_listen")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
         seen: set[Address] = set()
@@ -131,6 +169,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"{text!r} is listed twice")
             seen.add(address)
         return value
+
+    @model_validator(mode="after")
+    def _listener_keys(self) -> Settings:
+        listening = set(self.addresses)
+        seen: dict[Address, str] = {}
+        for key in self.listeners:
+            try:
+                address = parse_address(key)
+            except ValueError as exc:
+                raise ValueError(f"listeners.{quote_key(key)}: {exc}") from None
+            if address not in listening:
+                raise ValueError(f"listeners.{quote_key(key)}: not one of the listen addresses")
+            if address in seen:
+                raise ValueError(
+                    f"listeners.{quote_key(key)}: the same address as {quote_key(seen[address])}"
+                )
+            seen[address] = key
+        return self
 
     @model_validator(mode="after")
     def _watermarks(self) -> Settings:
@@ -165,6 +221,19 @@ class Settings(BaseSettings):
     @property
     def addresses(self) -> list[Address]:
         return [parse_address(text) for text in self.listen]
+
+    @property
+    def udp_addresses(self) -> list[Address]:
+        return [dataclasses.replace(parse_address(text), udp=True) for text in self.udp_listen]
+
+    @property
+    def all_addresses(self) -> list[Address]:
+        """TCP listeners and UDP echo sockets: everything the master binds."""
+        return self.addresses + self.udp_addresses
+
+    def proxy_addresses(self) -> set[Address]:
+        """Listen addresses whose connections begin with a PROXY protocol header."""
+        return {parse_address(key) for key, options in self.listeners.items() if options.proxy_protocol}
 
     @property
     def worker_count(self) -> int:
@@ -239,14 +308,14 @@ def _in_file(values: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
     return True
 
 
-def _quote_key(part: str) -> str:
+def quote_key(part: str) -> str:
     # Bare keys as written in TOML; anything else quoted, so that "" or a key with a newline shows.
     return part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
 
 
 def _describe(exc: ValidationError, path: Path | None, file_values: Mapping[str, Any]) -> Iterator[str]:
     for error in exc.errors(include_url=False):
-        key = ".".join(_quote_key(str(part)) for part in error["loc"]) or "(settings)"
+        key = ".".join(quote_key(str(part)) for part in error["loc"]) or "(settings)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             where = f" in {path}" if path and _in_file(file_values, error["loc"]) else ""

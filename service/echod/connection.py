@@ -23,7 +23,12 @@ class Connection:
         self.eof = False  # the client half-closed: flush, then close
 
     def __len__(self) -> int:
+        """Pending output in bytes."""
         return len(self.buf)
+
+    def take(self) -> bytes | bytearray:
+        """The pending output, handed to whoever sends it instead (see worker.Closing)."""
+        return self.buf
 
     def append(self, data: bytes) -> None:
         self.buf += data
@@ -53,7 +58,7 @@ class Watermarks:
         self.low = low
 
     def should_pause(self, conn: Connection) -> bool:
-        return not conn.paused and len(conn.buf) >= self.high
+        return not conn.paused and len(conn) >= self.high
 
     def should_resume(self, conn: Connection) -> bool:
-        return conn.paused and len(conn.buf) <= self.low
+        return conn.paused and len(conn) <= self.low

@@ -4,6 +4,9 @@ Each worker listens on an abstract Unix SOCK_SEQPACKET socket named after its pi
 stops reading a connection, makes sure nothing it has read is still unsent, and passes the file
 descriptor with SCM_RIGHTS; whatever the client sends meanwhile waits in the kernel's receive buffer
 for the successor, so the byte stream stays whole and in order, and the client never notices.
+
+Each message carries, beside the descriptors, the client address the sender knew for each of them
+("" for none): a PROXY protocol header has been consumed, so the successor cannot learn it again.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import socket
 import struct
 
 MAX_FDS = 250  # per message: SCM_MAX_FD is 253
+_MAGIC = b"echod-handover-1\n"
+_MAX_DATA = len(_MAGIC) + MAX_FDS * 46  # 45 characters is the longest IPv6 text, plus a separator
 _TIMEOUT = 2.0
 
 
@@ -43,17 +48,20 @@ def accept(lsock: socket.socket) -> socket.socket | None:
     return chan
 
 
-def receive(chan: socket.socket) -> list[int] | None:
-    """The descriptors of one message; [] if none is ready; None once the sender is done."""
+def receive(chan: socket.socket) -> list[tuple[int, str]] | None:
+    """(fd, client address or "") for one message; [] if none is ready; None once the sender is done."""
     try:
-        data, fds, _flags, _addr = socket.recv_fds(chan, 16, MAX_FDS)
+        data, fds, _flags, _addr = socket.recv_fds(chan, _MAX_DATA, MAX_FDS)
     except BlockingIOError:
         return []
     except OSError:
         return None
     if not data and not fds:
         return None
-    return fds
+    peers = data[len(_MAGIC) :].decode("ascii", "replace").split("\n") if data.startswith(_MAGIC) else []
+    if len(peers) != len(fds):  # an older sender: no addresses
+        peers = [""] * len(fds)
+    return list(zip(fds, peers, strict=True))
 
 
 def connect(pid: int) -> socket.socket:
@@ -67,6 +75,7 @@ def connect(pid: int) -> socket.socket:
     return chan
 
 
-def send(chan: socket.socket, fds: list[int]) -> None:
+def send(chan: socket.socket, fds: list[int], peers: list[str]) -> None:
     for start in range(0, len(fds), MAX_FDS):
-        socket.send_fds(chan, [b"h"], fds[start : start + MAX_FDS])
+        text = "\n".join(peers[start : start + MAX_FDS]).encode("ascii")
+        socket.send_fds(chan, [_MAGIC + text], fds[start : start + MAX_FDS])

@@ -58,9 +58,15 @@ class Address:
     host: str
     port: int
     family: int = field(compare=False)
+    udp: bool = False  # a UDP echo socket (udp_listen) rather than a TCP listener
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+        text = f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+        return "udp://" + text if self.udp else text
+
+    @property
+    def socktype(self) -> int:
+        return socket.SOCK_DGRAM if self.udp else socket.SOCK_STREAM
 
 
 def parse_address(text: str) -> Address:
@@ -91,17 +97,19 @@ def parse_address(text: str) -> Address:
 
 
 def bind_socket(address: Address, backlog: int, reuse_port: bool = True) -> socket.socket:
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    sock = socket.socket(address.family, address.socktype)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if not address.udp:  # for UDP, SO_REUSEADDR would let unrelated sockets share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if address.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # Linux copies TCP_NODELAY to accepted sockets, which saves a setsockopt per connection.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address.host, address.port))
-        sock.listen(backlog)
+        if not address.udp:
+            # Linux copies TCP_NODELAY to accepted sockets, which saves a setsockopt per connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -115,9 +123,10 @@ def _probe(address: Address) -> None:
     SO_REUSEPORT would otherwise let a second echod (same user) join the first one's port group
     silently; a probe bound without SO_REUSEPORT fails with EADDRINUSE if anything listens there.
     """
-    probe = socket.socket(address.family, socket.SOCK_STREAM)
+    probe = socket.socket(address.family, address.socktype)
     try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if not address.udp:  # TCP: tolerate TIME_WAIT leftovers, not listeners
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if address.family == socket.AF_INET6:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         probe.bind((address.host, address.port))
@@ -149,9 +158,13 @@ def systemd_sockets(environ: MutableMapping[str, str]) -> list[socket.socket]:
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
         os.set_inheritable(fd, False)
         sock = socket.socket(fileno=fd)
-        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise BindError(f"socket-activated fd {fd} is not a TCP socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM) or sock.family not in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):
+            raise BindError(f"socket-activated fd {fd} is not a TCP or UDP socket")
+        if sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         found.append(sock)
     return found
@@ -168,7 +181,7 @@ class ListenerSet:
     def adopt(self, socks: list[socket.socket], shared: bool) -> Address:
         """Take over already-listening sockets (from systemd, or from the master we upgrade)."""
         host, port = socks[0].getsockname()[:2]
-        address = Address(host, port, socks[0].family)
+        address = Address(host, port, socks[0].family, socks[0].type == socket.SOCK_DGRAM)
         self.sockets[address] = socks
         if shared:
             self.shared.add(address)
@@ -184,7 +197,7 @@ class ListenerSet:
     def bound_address(self, address: Address) -> Address:
         """The address as bound (port 0 resolved to the port the kernel chose)."""
         host, port = self.sockets[address][0].getsockname()[:2]
-        return Address(host, port, address.family)
+        return Address(host, port, address.family, address.udp)
 
     def open(self, addresses: list[Address], slots: int) -> None:
         """Bind every new address for `slots` slots; addresses already held keep their sockets.
@@ -209,7 +222,7 @@ class ListenerSet:
         first = bind_socket(address, self.backlog)
         group = [first]
         if address.port == 0:  # every slot must share the port the kernel picked for the first
-            address = Address(address.host, first.getsockname()[1], address.family)
+            address = Address(address.host, first.getsockname()[1], address.family, address.udp)
         try:
             group.extend(bind_socket(address, self.backlog) for _ in range(slots - 1))
         except BindError:
@@ -227,11 +240,12 @@ class ListenerSet:
             while len(group) < slots:
                 group.append(bind_socket(bound, self.backlog))
 
-    def slot(self, index: int) -> list[socket.socket]:
+    def slot(self, index: int, skip: set[Address] | frozenset[Address] = frozenset()) -> list[socket.socket]:
+        """Slot `index`'s sockets, except those of `skip` (addresses a reload is dropping)."""
         return [
             group[0] if address in self.shared else group[index]
             for address, group in self.sockets.items()
-            if address in self.shared or index < len(group)
+            if (address in self.shared or index < len(group)) and address not in skip
         ]
 
     def steer(self, active: int) -> bool:
@@ -245,7 +259,7 @@ class ListenerSet:
         """
         ok = True
         for address, group in self.sockets.items():
-            if address in self.shared:
+            if address in self.shared or address.udp:  # a datagram lost on a scale-down is UDP's lot
                 continue
             try:
                 _attach_steering(group[0], active)
@@ -272,6 +286,10 @@ class ListenerSet:
     def close(self) -> None:
         for address in list(self.sockets):
             self.close_address(address)
+
+    def filenos_of(self, addresses: set[Address]) -> set[int]:
+        """The sockets of the given addresses, every slot."""
+        return {sock.fileno() for address in addresses for sock in self.sockets.get(address, ())}
 
     def filenos(self) -> set[int]:
         return {sock.fileno() for group in self.sockets.values() for sock in group}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from . import logs, notify, stats, upgrade
 from .config import MAX_WORKERS, ConfigError, Settings
 from .listeners import Address, BindError, ListenerSet, bind_socket, parse_address
+from .splice import SpliceWorker
 from .stats import Stats
 from .worker import FLUSH_GRACE, Worker
 
@@ -190,16 +191,22 @@ class Master:
 
     # -- workers --------------------------------------------------------------------------------
     def _spawn(self, slot: int) -> None:
-        listeners = self.listeners.slot(slot)
+        listeners = self.listeners.slot(slot, skip=self.pending_close)
+        proxied = frozenset(self.listeners.filenos_of(self.settings.proxy_addresses()))
         row = self.stats.claim_row(0, slot, self.generation)
         pid = self._fork(
-            lambda: Worker(self.settings, listeners, self.stats.row(row), self.pid).run(),
+            lambda: self._worker_class()(
+                self.settings, listeners, self.stats.row(row), self.pid, proxied
+            ).run(),
             keep=listeners,
             name=f"echod-worker-{slot}",
         )
         self.stats.row(row)[stats.PID] = pid
         self.workers[pid] = WorkerProc(pid, slot, self.generation, row, time.monotonic())
         log.debug("worker %d started in slot %d (generation %d)", pid, slot, self.generation)
+
+    def _worker_class(self) -> type[Worker]:
+        return SpliceWorker if self.settings.io_mode == "splice" else Worker
 
     def _fork(self, body: Callable[[], int], keep: list[socket.socket], name: str) -> int:
         # Signals stay blocked across fork so that none reaches the child's copy of our handlers.
@@ -417,7 +424,7 @@ class Master:
         try:
             new = self.load()
             logs.check_file(new.log.file)
-            addresses = new.addresses
+            addresses = new.all_addresses
             if self.listeners.shared:  # socket-activated: systemd owns the addresses
                 addresses = self.listeners.addresses
             self.listeners.open(addresses, max(new.worker_count, self.wanted))

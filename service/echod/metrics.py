@@ -72,6 +72,7 @@ class StatsCollector(Collector):
             total(stats.HANDED_OVER),
         )
         yield _gauge("echod_buffered_bytes", "Pending output, all connections", gauge(stats.BUFFERED))
+        yield from self._udp(total)
         yield _gauge(
             "echod_workers",
             "Live workers of the current configuration",
@@ -97,6 +98,23 @@ class StatsCollector(Collector):
         build.add_metric([__version__], 1)
         yield build
         yield self._rss(workers, snap.others)
+
+    @staticmethod
+    def _udp(total: Callable[[int], int]) -> Iterator[Metric]:
+        yield _counter(
+            "echod_udp_received_packets", "UDP datagrams received", total(stats.UDP_RECEIVED_PACKETS)
+        )
+        yield _counter(
+            "echod_udp_received_bytes", "UDP payload bytes received", total(stats.UDP_RECEIVED_BYTES)
+        )
+        yield _counter("echod_udp_sent_packets", "UDP datagrams echoed", total(stats.UDP_SENT_PACKETS))
+        yield _counter("echod_udp_sent_bytes", "UDP payload bytes echoed", total(stats.UDP_SENT_BYTES))
+        dropped = CounterMetricFamily(
+            "echod_udp_dropped_packets", "UDP datagrams not answered, by reason", labels=["reason"]
+        )
+        for reason, field in stats.UDP_DROP_REASONS.items():
+            dropped.add_metric([reason], total(field))
+        yield dropped
 
     def _current(self, master: list[int], workers: Iterable[list[int]], fresh_only: bool) -> int:
         now = stats.monotonic_ms()

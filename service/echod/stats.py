@@ -29,16 +29,26 @@ BACKPRESSURE_PAUSES = 10
 DROPPED_BYTES = 11
 HANDED_OVER = 12  # established connections passed to a successor worker
 REJECTED_PER_IP = 13
-COUNTERS = 14
-ACTIVE = 14
-BUFFERED = 15
-PID = 16
-GENERATION = 17
-STATE = 18  # see STATE_* below
-HEARTBEAT_MS = 19  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
-SLOT = 20
-HANDOVER_PID = 21  # written by the master before it retires the worker: whom to pass connections to
-FIELDS = 24
+CLOSED_PROXY = 14  # PROXY protocol header missing, malformed or too slow
+CLOSED_REJECTED = 15  # refused once its PROXY header named the client (max_connections_per_ip)
+UDP_RECEIVED_PACKETS = 16
+UDP_RECEIVED_BYTES = 17
+UDP_SENT_PACKETS = 18
+UDP_SENT_BYTES = 19
+UDP_DROPPED_PORT = 20  # from a well-known port: never answered (echo/chargen loops, reflection)
+UDP_DROPPED_RATE = 21  # over the source's token bucket
+UDP_DROPPED_SOURCES = 22  # udp_max_sources sources already being tracked
+UDP_DROPPED_SEND = 23  # the reply could not be sent (socket buffer full, unreachable)
+COUNTERS = 24
+ACTIVE = 24
+BUFFERED = 25
+PID = 26
+GENERATION = 27
+STATE = 28  # see STATE_* below
+HEARTBEAT_MS = 29  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
+SLOT = 30
+HANDOVER_PID = 31  # written by the master before it retires the worker: whom to pass connections to
+FIELDS = 32
 
 STATE_FREE = 0
 STATE_STARTING = 1
@@ -50,8 +60,16 @@ CLOSE_REASONS = {
     "timeout": CLOSED_TIMEOUT,
     "error": CLOSED_ERROR,
     "shutdown": CLOSED_SHUTDOWN,
+    "proxy_protocol": CLOSED_PROXY,
+    "rejected": CLOSED_REJECTED,
 }
 REJECT_REASONS = {"limit": REJECTED_LIMIT, "emfile": REJECTED_EMFILE, "per_ip": REJECTED_PER_IP}
+UDP_DROP_REASONS = {
+    "source_port": UDP_DROPPED_PORT,
+    "rate_limit": UDP_DROPPED_RATE,
+    "too_many_sources": UDP_DROPPED_SOURCES,
+    "send_failed": UDP_DROPPED_SEND,
+}
 
 # Master row fields.
 M_SEQUENCE = 0  # odd while the master is folding a row

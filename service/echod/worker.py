@@ -24,10 +24,11 @@ import socket
 import time
 from typing import Any
 
-from . import handover, stats
+from . import handover, proxy, stats
 from .config import Settings
 from .connection import Connection, Watermarks
 from .idle import IdleWheel
+from .udp import RateLimiter, UdpEcho
 
 log = logging.getLogger("echod.worker")
 
@@ -50,10 +51,11 @@ _REPORTED = (
 
 
 class _Listener:
-    __slots__ = ("sock",)
+    __slots__ = ("proxy", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, proxy: bool = False) -> None:
         self.sock = sock
+        self.proxy = proxy  # its connections begin with a PROXY protocol header
 
 
 class _Inbox(_Listener):
@@ -73,6 +75,15 @@ class _Sentinel:
 
 _CLOSED = _Sentinel("closed")  # no connection on this fd
 _WAKEUP = _Sentinel("wakeup")  # the signal wake-up pipe
+
+
+class AwaitingHeader:
+    """A connection on a PROXY protocol listener whose header is not complete yet."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
 
 
 class Closing(Connection):
@@ -97,9 +108,12 @@ class Worker:
         listeners: list[socket.socket],
         row: memoryview,
         master_pid: int,
+        proxied: frozenset[int] = frozenset(),
     ) -> None:
         self.settings = settings
         self.listeners = listeners
+        self.proxied = proxied  # listening fds whose connections begin with a PROXY header
+        self.awaiting: dict[int, float] = {}  # fd -> when its PROXY header is overdue
         self.row = row
         self.master_pid = master_pid
         self.read_size = settings.read_size
@@ -107,9 +121,13 @@ class Worker:
         self.budget = settings.max_buffered_bytes
         self.per_ip_limit = settings.max_connections_per_ip
         self.per_ip: dict[str, int] = {}  # open connections by client address, when limited
-        self.peer: dict[int, str] = {}  # fd -> client address, when limited
+        self.peer: dict[int, str] = {}  # fd -> client address, when limited or named by a PROXY header
+        self.last_rejected = ""  # the address last refused by max_connections_per_ip, for the log
         self.marks = Watermarks(settings.write_buffer_high, settings.write_buffer_low)
         self.counts = [0] * stats.COUNTERS
+        self.limiter = RateLimiter(
+            settings.udp_rate_packets, settings.udp_rate_bytes, settings.udp_max_sources, self.counts
+        )
         self.reported = [0] * stats.COUNTERS  # counts already logged by _report
         self.open = 0
         self.buffered = 0
@@ -155,7 +173,10 @@ class Worker:
         for sock in self.listeners:
             fd = sock.fileno()
             self._grow(fd)
-            self.table[fd] = _Listener(sock)
+            if sock.type == socket.SOCK_DGRAM:
+                self.table[fd] = UdpEcho(sock, self.limiter, self.counts)
+            else:
+                self.table[fd] = _Listener(sock, fd in self.proxied)
             # Exclusive: when workers share a socket (reload overlap, socket activation), one wakes.
             self.ep.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
         self.accepting = True
@@ -183,57 +204,71 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
-        # Everything the per-event path touches is a local: LOAD_FAST instead of attribute and
-        # global lookups, measurable at a few hundred thousand events a second.
-        poll, read, write, monotonic = self.ep.poll, os.read, os.write, time.monotonic
-        table, last, size, IN = self.table, self.last, self.read_size, EPOLLIN
-        slow, close = self._event, self._close
-        received = sent = 0
+        poll, monotonic, serve = self.ep.poll, time.monotonic, self._serve
         now = monotonic()
         while True:
             events = poll(max(0.0, self.next_housekeeping - now), MAX_EVENTS)
             now = monotonic()
-            tick = self.tick = int(now)
-            for fd, ev in events:
-                state = table[fd]
-                if state is None and ev == IN:
-                    try:
-                        data = read(fd, size)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        close(fd, "error", exc)
-                        continue
-                    if not data:
-                        self._eof(fd, None)
-                        continue
-                    last[fd] = tick
-                    k = len(data)
-                    received += k
-                    try:
-                        n = write(fd, data)
-                    except BlockingIOError:
-                        n = 0
-                    except OSError as exc:
-                        close(fd, "error", exc)
-                        continue
-                    sent += n
-                    if n != k:
-                        self._buffer(fd, data, n)
-                else:
-                    slow(fd, ev, state)
-            if now >= self.next_housekeeping:  # also forced by a signal, see _drain_wakeup
-                self.counts[stats.RECEIVED_BYTES] += received
-                self.counts[stats.SENT_BYTES] += sent
-                received = sent = 0
-                if self._housekeeping(now):
-                    return
+            self.tick = int(now)
+            serve(events)
+            # next_housekeeping is also forced to 0 by a signal, see _drain_wakeup.
+            if now >= self.next_housekeeping and self._housekeeping(now):
+                return
+
+    def _serve(self, events: list[tuple[int, int]]) -> None:
+        """One loop turn's events. A plain connection that is only readable takes the fast path."""
+        # Everything the per-event path touches is a local: LOAD_FAST instead of attribute and
+        # global lookups, measurable at a few hundred thousand events a second.
+        read, write, table, last, size, tick = (
+            os.read,
+            os.write,
+            self.table,
+            self.last,
+            self.read_size,
+            self.tick,
+        )
+        slow, close, IN = self._event, self._close, EPOLLIN
+        received = sent = 0
+        for fd, ev in events:
+            state = table[fd]
+            if state is None and ev == IN:
+                try:
+                    data = read(fd, size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    close(fd, "error", exc)
+                    continue
+                if not data:
+                    self._eof(fd, None)
+                    continue
+                last[fd] = tick
+                k = len(data)
+                received += k
+                try:
+                    n = write(fd, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    close(fd, "error", exc)
+                    continue
+                sent += n
+                if n != k:
+                    self._buffer(fd, data, n)
+            else:
+                slow(fd, ev, state)
+        counts = self.counts
+        counts[stats.RECEIVED_BYTES] += received
+        counts[stats.SENT_BYTES] += sent
 
     def _event(self, fd: int, ev: int, state: Any) -> None:
         if state is _CLOSED:
             return
         if state.__class__ is _Listener:
-            self._accept(state.sock)
+            self._accept(state)
+            return
+        if state.__class__ is UdpEcho:
+            state.serve()
             return
         if state is _WAKEUP:
             self._drain_wakeup()
@@ -248,6 +283,9 @@ class Worker:
             return
         if ev & EPOLLERR:
             self._fail(fd)
+            return
+        if state.__class__ is AwaitingHeader:
+            self._read_header(fd, state)
             return
         if state is not None and ev & (EPOLLOUT | EPOLLHUP):
             self._flush(fd, state)
@@ -327,7 +365,7 @@ class Worker:
         self.buffered -= n
         if n:
             self.last[fd] = self.tick
-        if conn.buf:
+        if len(conn):
             handing_over = self.outbox is not None
             if self.marks.should_resume(conn) and not (conn.eof or handing_over or self._over_budget()):
                 conn.paused = False
@@ -345,7 +383,7 @@ class Worker:
 
     def _eof(self, fd: int, conn: Connection | None) -> None:
         """The client half-closed: send back everything read, then close our side."""
-        if conn is None or not conn.buf:
+        if conn is None or not len(conn):
             self._close(fd, "shutdown" if conn.__class__ is Closing else "client")
             return
         conn.eof = True
@@ -362,14 +400,16 @@ class Worker:
 
     def _close(self, fd: int, reason: str, error: OSError | None = None) -> None:
         conn = self.table[fd]
-        if conn is not None and conn.buf:
-            pending = len(conn.buf)
+        if conn.__class__ is AwaitingHeader:
+            del self.awaiting[fd]
+        elif conn is not None and len(conn):
+            pending = len(conn)
             self.buffered -= pending
             self.counts[stats.DROPPED_BYTES] += pending
         self.table[fd] = _CLOSED
         if self.wheel is not None:
             self.wheel.remove(fd)
-        if self.per_ip_limit:
+        if self.peer:
             self._forget_peer(fd)
         os.close(fd)  # also removes it from the epoll set: nothing else holds this file
         self.open -= 1
@@ -378,7 +418,8 @@ class Worker:
             log.debug("connection closed on error: %s", error.strerror or error)
 
     # -- accepting ------------------------------------------------------------------------------
-    def _accept(self, lsock: socket.socket) -> None:
+    def _accept(self, listener: _Listener) -> None:
+        lsock = listener.sock
         for _ in range(ACCEPT_BATCH):
             try:
                 # _accept() is what socket.accept() calls: the bare fd, without building a socket
@@ -395,20 +436,78 @@ class Worker:
                 os.close(fd)
                 self.counts[stats.REJECTED_LIMIT] += 1
                 continue
-            if self.per_ip_limit and not self._admit(fd, addr[0]):
+            if self.per_ip_limit and not listener.proxy and not self._admit(fd, addr[0]):
                 os.close(fd)
                 self.counts[stats.REJECTED_PER_IP] += 1
                 continue
             os.set_blocking(fd, False)
             self._adopt(fd)
             self.counts[stats.ACCEPTED] += 1
+            if listener.proxy:  # the client's address is in the header: limits wait for it
+                self.table[fd] = AwaitingHeader()
+                self.awaiting[fd] = time.monotonic() + self.settings.proxy_protocol_timeout
 
     def _admit(self, fd: int, ip: str) -> bool:
         count = self.per_ip.get(ip, 0)
         if count >= self.per_ip_limit:
+            self.last_rejected = ip
             return False
         self.per_ip[ip] = count + 1
         self.peer[fd] = ip
+        return True
+
+    def _read_header(self, fd: int, state: AwaitingHeader) -> None:
+        """Read until the PROXY header is whole; strip it, then echo whatever followed it."""
+        try:
+            data = os.read(fd, self.read_size)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close(fd, "error", exc)
+            return
+        if not data:  # closed before sending a whole header
+            self._close(fd, "proxy_protocol")
+            return
+        data = state.data + data
+        try:
+            parsed = proxy.parse(data)
+        except proxy.ProxyError as exc:
+            log.debug("connection closed: %s", exc)
+            self._close(fd, "proxy_protocol")
+            return
+        if parsed is None:  # incomplete; parse() never lets it grow past proxy.MAX_HEADER
+            state.data = data
+            return
+        length, source = parsed
+        del self.awaiting[fd]
+        self.table[fd] = None
+        if not self._admit_proxied(fd, source):
+            return
+        rest = data[length:]
+        if rest:
+            self.last[fd] = self.tick
+            self.counts[stats.RECEIVED_BYTES] += len(rest)
+            self._echo(fd, rest)
+        if self.outbox is not None:  # retiring: pass it on like the others once its echo is out
+            state = self.table[fd]
+            if state is None:
+                self._send_over([fd])
+            elif isinstance(state, Connection):
+                state.paused = True
+                self.ep.modify(fd, EPOLLOUT)
+
+    def _admit_proxied(self, fd: int, source: proxy.Source) -> bool:
+        if source is None:  # LOCAL or UNKNOWN: the proxy speaks for itself
+            if self.per_ip_limit:
+                self._count_peer(fd)
+            return True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection from %s port %d (PROXY protocol)", *source)
+        if self.per_ip_limit and not self._admit(fd, source[0]):
+            self.counts[stats.REJECTED_PER_IP] += 1
+            self._close(fd, "rejected")
+            return False
+        self.peer[fd] = source[0]
         return True
 
     def _count_peer(self, fd: int) -> None:
@@ -424,7 +523,7 @@ class Worker:
 
     def _forget_peer(self, fd: int) -> None:
         ip = self.peer.pop(fd, None)
-        if ip is not None:
+        if ip is not None and ip in self.per_ip:
             count = self.per_ip[ip] - 1
             if count:
                 self.per_ip[ip] = count
@@ -474,6 +573,9 @@ class Worker:
         if self.wheel is not None and self.close_deadline is None:
             for fd in self.wheel.expired(self.tick):
                 self._close(fd, "timeout")
+        for fd in [fd for fd, deadline in self.awaiting.items() if now >= deadline]:
+            self._close(fd, "proxy_protocol")
+        self.limiter.prune(now)
         if self.accept_resume_at and now >= self.accept_resume_at:
             self.accept_resume_at = 0.0
             self.reserve_fd = self._open_reserve()
@@ -490,7 +592,10 @@ class Worker:
         for field, text in _REPORTED:
             new = self.counts[field] - self.reported[field]
             if new:
-                log.warning(text, new)
+                if field == stats.REJECTED_PER_IP and self.last_rejected:
+                    log.warning(text + " (the last for %s)", new, self.last_rejected)
+                else:
+                    log.warning(text, new)
                 self.reported[field] = self.counts[field]
 
     def _publish(self) -> None:
@@ -579,7 +684,7 @@ class Worker:
         for fd, state in enumerate(self.table):
             if state is None:
                 plain.append(fd)
-            elif state.__class__ is Connection and not state.eof:
+            elif isinstance(state, Connection) and not state.eof:
                 state.paused = True  # read nothing more: what the client sends now is the successor's
                 self.ep.modify(fd, EPOLLOUT)
         self._send_over(plain)
@@ -590,7 +695,7 @@ class Worker:
             self.ep.unregister(fd)  # from here on the bytes the client sends wait for the successor
         try:
             assert self.outbox is not None
-            handover.send(self.outbox, fds)
+            handover.send(self.outbox, fds, [self.peer.get(fd, "") for fd in fds])
         except OSError as exc:
             log.warning("handover failed (%s): serving %d connections here for now", exc, len(fds))
             self.outbox.close()  # type: ignore[union-attr]
@@ -602,24 +707,29 @@ class Worker:
             self.table[fd] = _CLOSED
             if self.wheel is not None:
                 self.wheel.remove(fd)
-            if self.per_ip_limit:
+            if self.peer:
                 self._forget_peer(fd)
             os.close(fd)  # the successor holds its own descriptor for the same socket
         self.open -= len(fds)
         self.counts[stats.HANDED_OVER] += len(fds)
 
     def _receive(self, fd: int, chan: socket.socket) -> None:
-        fds = handover.receive(chan)
-        if fds is None:
+        received = handover.receive(chan)
+        if received is None:
             self.table[fd] = _CLOSED
             chan.close()
             return
-        for conn in fds:
+        for conn, ip in received:
             self._adopt(conn)
-            if self.per_ip_limit:  # count it against its address (never refused: it is established)
+            # Count it against its address (never refused: it is established).
+            if ip:
+                self.peer[conn] = ip
+                if self.per_ip_limit:
+                    self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            elif self.per_ip_limit:
                 self._count_peer(conn)
         if self.outbox is not None:  # we are retiring ourselves: pass them straight on
-            self._send_over(fds)
+            self._send_over([conn for conn, _ip in received])
 
     def _adopt(self, fd: int) -> None:
         """Serve a connection: a fresh one from accept, or an established one handed to us."""
@@ -654,9 +764,11 @@ class Worker:
             return
         self._retire()
         self.close_deadline = now + FLUSH_GRACE
+        for fd in list(self.awaiting):  # nothing read from them yet that could be owed
+            self._close(fd, "shutdown")
         for fd, state in enumerate(self.table):
             if state is None or isinstance(state, Connection):
-                closing = Closing(state.buf if state is not None else b"")
+                closing = Closing(state.take() if state is not None else b"")
                 self.table[fd] = closing
                 if closing.buf:
                     self.ep.modify(fd, EPOLLOUT | EPOLLIN | EPOLLRDHUP)

@@ -1,0 +1,228 @@
+"""Zero-copy echo (`io_mode = "splice"`): socket -> pipe -> socket with splice(2).
+
+The bytes never enter Python: no bytes object per read, no copy into user space and back. The worker
+keeps one empty "scratch" pipe; a ready connection is spliced into it and straight out again. When the
+kernel takes only part of the output, whatever is left is already in the scratch pipe, so that pipe
+becomes the connection's output buffer (a `Piped`) and the worker takes a fresh scratch pipe from a
+small pool. Connections hold a pipe (two descriptors) only while output is pending; the pipe's size is
+the write_buffer_high watermark.
+
+A pipe counts its capacity in pages, not bytes: a pipe of 64 pages holds 64 small segments at most. So
+besides the byte watermarks, a connection whose pipe is full (splice into it would block) stops reading
+until the pipe drains, like one at write_buffer_high.
+
+When even a pipe cannot be had (out of descriptors), the pending bytes are read out of the pipe into a
+plain Connection buffer: the connection goes on in copy mode, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from . import stats
+from .connection import Connection
+from .worker import EPOLLIN, EPOLLOUT, READING, Worker
+
+log = logging.getLogger("echod.worker")
+
+NONBLOCK = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+IDLE_PIPES = 64  # empty pipes kept for reuse
+
+
+class Piped(Connection):
+    """A connection whose pending output sits in a pipe."""
+
+    __slots__ = ("pending", "r", "w")
+
+    def __init__(
+        self, r: int, w: int, pending: int
+    ) -> None:  # no bytearray: Connection's methods are replaced
+        self.r, self.w, self.pending = r, w, pending
+        self.paused = False
+        self.eof = False
+
+    def __len__(self) -> int:
+        return self.pending
+
+    def fill(self, fd: int, size: int) -> int:
+        """Splice what the client sent into the pipe; 0 at EOF; BlockingIOError when nothing moved."""
+        moved = os.splice(fd, self.w, size, None, None, NONBLOCK)
+        self.pending += moved
+        return moved
+
+    def flush(self, fd: int) -> int:
+        try:
+            sent = os.splice(self.r, fd, self.pending, None, None, NONBLOCK)
+        except BlockingIOError:
+            return 0
+        self.pending -= sent
+        return sent
+
+    def take(self) -> bytes:
+        """Read the pending output out of the pipe (stop or fallback: rare, so a copy is fine)."""
+        chunks = []
+        while self.pending:
+            chunk = os.read(self.r, self.pending)
+            chunks.append(chunk)
+            self.pending -= len(chunk)
+        return b"".join(chunks)
+
+
+class PipePool:
+    """Empty pipes of one size, so that a partial write costs no pipe2() in the steady state."""
+
+    def __init__(self, size: int) -> None:
+        self.size = _pipe_size(size)
+        self.idle: list[tuple[int, int]] = []
+
+    def get(self) -> tuple[int, int]:
+        """An empty pipe (read end, write end); OSError (EMFILE...) when none can be made."""
+        if self.idle:
+            return self.idle.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+        except OSError:  # over fs.pipe-user-pages-soft: the kernel's default size still works
+            pass
+        return r, w
+
+    def put(self, r: int, w: int) -> None:
+        if len(self.idle) < IDLE_PIPES:
+            self.idle.append((r, w))
+        else:
+            os.close(r)
+            os.close(w)
+
+
+def _pipe_size(wanted: int) -> int:
+    """The pipe size for a watermark: at least a page, at most what an unprivileged user may set."""
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        limit = 1 << 20
+    return max(os.sysconf("SC_PAGE_SIZE"), min(wanted, limit))
+
+
+class SpliceWorker(Worker):
+    """A Worker whose plain connections echo through splice(2) instead of os.read/os.write."""
+
+    def run(self) -> int:
+        self.pipes = PipePool(self.settings.write_buffer_high)
+        self.scratch_r, self.scratch_w = self.pipes.get()
+        return super().run()
+
+    def _serve(self, events: list[tuple[int, int]]) -> None:
+        splice, table, last, size, tick = os.splice, self.table, self.last, self.read_size, self.tick
+        slow, close, IN = self._event, self._close, EPOLLIN
+        received = sent = 0
+        for fd, ev in events:
+            state = table[fd]
+            if state is None and ev == IN:
+                sr, sw = self.scratch_r, self.scratch_w
+                try:
+                    k = splice(fd, sw, size, None, None, NONBLOCK)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    close(fd, "error", exc)
+                    continue
+                if not k:
+                    self._eof(fd, None)
+                    continue
+                last[fd] = tick
+                received += k
+                try:
+                    n = splice(sr, fd, k, None, None, NONBLOCK)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    self._discard_scratch(k)
+                    close(fd, "error", exc)
+                    continue
+                sent += n
+                if n != k:
+                    self._keep(fd, k - n)
+            else:
+                slow(fd, ev, state)
+        counts = self.counts
+        counts[stats.RECEIVED_BYTES] += received
+        counts[stats.SENT_BYTES] += sent
+
+    def _discard_scratch(self, pending: int) -> None:
+        Piped(self.scratch_r, self.scratch_w, pending).take()
+        self.counts[stats.DROPPED_BYTES] += pending
+
+    def _keep(self, fd: int, pending: int) -> None:
+        """The scratch pipe holds `pending` bytes for `fd`: it becomes fd's buffer."""
+        conn: Connection = Piped(self.scratch_r, self.scratch_w, pending)
+        try:
+            self.scratch_r, self.scratch_w = self.pipes.get()
+        except OSError as exc:
+            log.debug("no pipe for pending output (%s): buffering in memory", exc.strerror)
+            conn = Connection(conn.take())
+        self.table[fd] = conn
+        self.buffered += pending
+        self.counts[stats.PARTIAL_WRITES] += 1
+        if not self._maybe_pause(fd, conn):
+            self.ep.modify(fd, READING | EPOLLOUT)
+
+    def _read(self, fd: int, conn: Connection | None) -> None:
+        if conn is None:
+            self._serve([(fd, EPOLLIN)])  # readable with RDHUP/HUP: the plain path sees the EOF
+        elif conn.__class__ is not Piped:
+            super()._read(fd, conn)  # a byte buffer (after a PROXY header, or no pipe to be had)
+        elif not (conn.paused or conn.eof):
+            self._fill(fd, conn)  # type: ignore[arg-type]
+
+    def _fill(self, fd: int, conn: Piped) -> None:
+        try:
+            moved = conn.fill(fd, self.read_size)
+        except BlockingIOError:  # the pipe is full (in pages if not in bytes): wait until it drains
+            conn.paused = True
+            self.counts[stats.BACKPRESSURE_PAUSES] += 1
+            self.ep.modify(fd, EPOLLOUT)
+            return
+        except OSError as exc:
+            self._close(fd, "error", exc)
+            return
+        if not moved:
+            self._eof(fd, conn)
+            return
+        self.last[fd] = self.tick
+        self.counts[stats.RECEIVED_BYTES] += moved
+        self.buffered += moved
+        self._maybe_pause(fd, conn)
+
+    def _flush(self, fd: int, conn: Connection) -> None:
+        super()._flush(fd, conn)
+        if conn.__class__ is Piped and not len(conn) and self.table[fd] is not conn:
+            self._release(conn)  # type: ignore[arg-type]
+
+    def _close(self, fd: int, reason: str, error: OSError | None = None) -> None:
+        conn = self.table[fd]
+        super()._close(fd, reason, error)
+        if conn.__class__ is Piped:
+            self._release(conn)
+
+    def _release(self, conn: Piped) -> None:
+        if conn.r < 0:
+            return
+        if conn.pending:  # closed with output pending: that pipe is not empty, do not reuse it
+            os.close(conn.r)
+            os.close(conn.w)
+        else:
+            self.pipes.put(conn.r, conn.w)
+        conn.r = conn.w = -1
+
+    def _begin_close(self, now: float) -> None:
+        # Closing keeps its output in memory: pipes are read out once, at stop.
+        for fd, state in enumerate(self.table):
+            if state.__class__ is Piped and self.close_deadline is None:
+                plain = Connection(state.take())
+                plain.paused, plain.eof = state.paused, state.eof
+                self._release(state)
+                self.table[fd] = plain
+        super()._begin_close(now)

@@ -1,0 +1,121 @@
+"""Zero-copy mode (`io_mode = "splice"`) where it differs from copy mode: pipes as output buffers.
+
+The echo behaviour itself is covered in both modes by tests/test_echo.py (parametrized); these tests
+show what only splice mode has: pipes held while output is pending, read out again at a fast stop, and
+a reload that switches modes under live connections.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, DaemonFactory, recv_exactly, wait_for, wait_metrics
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+RECEIVED = "echod_received_bytes_total"
+BUFFERED = "echod_buffered_bytes"
+
+
+def pipes(pid: int) -> int:
+    """Pipe descriptors the process holds."""
+    fds = Path(f"/proc/{pid}/fd")
+    count = 0
+    for entry in fds.iterdir():
+        try:
+            count += os.readlink(entry).startswith("pipe:")
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def worker(daemon: Daemon) -> int:
+    found = wait_for(lambda: daemon.workers(), 10, "a worker")
+    assert isinstance(found, list) and len(found) == 1, found
+    return found[0]
+
+
+def test_pending_output_lives_in_a_pipe_and_a_fast_stop_flushes_it(echod: DaemonFactory) -> None:
+    daemon = echod("--io-mode", "splice", "--shutdown-timeout", "60", workers=1)
+    pid = worker(daemon)
+    idle_pipes = pipes(pid)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(5)
+    sock.connect((daemon.host, daemon.port))
+    payload = os.urandom(32 << 20)
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 15
+    quiet_since = time.monotonic()
+    while sent < len(payload) and time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
+        try:
+            n = sock.send(payload[sent : sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        sent += n
+        quiet_since = time.monotonic()
+    assert 0 < sent < len(payload), "the client never got stuck: echod did not stop reading"
+    wait_metrics(daemon, lambda m: m[BUFFERED] > 0, "output pending inside echod")
+    # The pending output sits in a pipe: the worker holds one more pipe than when idle.
+    assert pipes(pid) == idle_pipes + 2, (pipes(pid), idle_pipes)
+
+    # Stable: echod reads nothing more from a paused connection.
+    def settled() -> float | None:
+        first = daemon.metrics()[RECEIVED]
+        time.sleep(1.2)
+        return first if daemon.metrics()[RECEIVED] == first else None
+
+    received = int(wait_for(settled, 15, "echod's received bytes to settle"))
+    assert received <= sent
+    daemon.send_signal(signal.SIGINT)  # fast stop: flush what was read, then close
+    sock.settimeout(15)
+    sock.setblocking(True)
+    got = recv_exactly(sock, received + 1)
+    sock.close()
+    assert len(got) == received, f"{len(got)} bytes echoed, echod had read {received}"
+    assert got == payload[:received], "the echo differs from what was sent"
+    assert daemon.wait_exit(15) == 0, daemon.log()
+    assert "killing worker" not in daemon.log()
+
+
+def test_reload_switches_io_mode_under_live_connections(echod: DaemonFactory, tmp_path: Path) -> None:
+    config = tmp_path / "mode.toml"
+    config.write_text('io_mode = "copy"\n')
+    daemon = echod("--config", str(config), workers=1)
+    copy_worker = worker(daemon)
+    copy_pipes = pipes(copy_worker)
+    socks = [daemon.connect(timeout=10) for _ in range(10)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(b"before %d\n" % i)
+            assert recv_exactly(sock, len(b"before %d\n" % i)) == b"before %d\n" % i
+
+        config.write_text('io_mode = "splice"\n')
+        daemon.send_signal(signal.SIGHUP)
+        wait_metrics(daemon, lambda m: m['echod_config_reloads_total{result="success"}'] == 1, "the reload")
+        splice_worker = wait_for(
+            lambda: [p for p in daemon.workers() if p != copy_worker] or None, 10, "the new worker"
+        )[0]
+        wait_for(lambda: copy_worker not in daemon.workers(), 15, "the copy-mode worker to exit")
+        # The splice worker keeps a scratch pipe beside its signal pipe.
+        assert pipes(splice_worker) == copy_pipes + 2, (pipes(splice_worker), copy_pipes)
+
+        # Every connection survived (handed over) and now echoes through splice, large and small.
+        for i, sock in enumerate(socks):
+            payload = os.urandom(random.choice([1, 100, 70_000, 1 << 20]))
+            sock.sendall(payload)
+            assert recv_exactly(sock, len(payload)) == payload, f"connection {i} after the switch"
+        samples = daemon.metrics()
+        assert samples["echod_connections_handed_over_total"] == 10
+        assert samples['echod_connections_closed_total{reason="error"}'] == 0
+    finally:
+        for sock in socks:
+            sock.close()
