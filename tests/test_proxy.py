@@ -723,6 +723,8 @@ def test_check_config_accepts_a_proxy_listener(tmp_path: Path) -> None:
         ('{"127.0.0.1:7002": {"proxy_protocol": true}}', 'listeners."127.0.0.1:7002"'),
         ('{"127.0.0.1:7001": {"proxy_protocl": true}}', "proxy_protocl"),
         ('{"127.0.0.1:7001": {"proxy_protocol": [1]}}', "proxy_protocol"),
+        ('{"127.0.0.1:7001": {"proxy_protocol": "yes"}}', "proxy_protocol"),
+        ('{"127.0.0.1:7001": {"proxy_protocol": 1}}', "proxy_protocol"),
         ('{"nonsense": {"proxy_protocol": true}}', "listeners.nonsense"),
         ('{"127.0.0.1:7001": ', "listeners"),
         ('["127.0.0.1:7001"]', "listeners"),
@@ -731,6 +733,8 @@ def test_check_config_accepts_a_proxy_listener(tmp_path: Path) -> None:
         "not-a-listen-address",
         "unknown-option",
         "not-a-boolean",
+        "string-for-boolean",
+        "number-for-boolean",
         "not-an-address",
         "bad-json",
         "not-a-table",
@@ -755,3 +759,27 @@ def test_check_config_refuses_two_keys_for_one_address(tmp_path: Path) -> None:
     listeners = '{"localhost:7001": {"proxy_protocol": true}, "127.0.0.1:7001": {"proxy_protocol": false}}'
     result = check_config(tmp_path, "--listen", "127.0.0.1:7001", "--listeners", listeners)
     assert result.returncode == EX_CONFIG, result.stdout
+
+
+@pytest.mark.parametrize("family_transport", [0x00, 0x10, 0x23, 0x45, 0xFF])
+def test_v2_local_is_accepted_whatever_the_family(family_transport: int) -> None:
+    """Spec 2.2: with LOCAL the receiver uses the real endpoints and ignores the family byte."""
+    header = v2(0x20, family_transport, b"\x01" * 7)
+    assert parse(header + b"data") == (len(header), None)
+
+
+@pytest.mark.integration
+def test_reload_refuses_to_flip_proxy_protocol_on_a_kept_address(
+    echod: DaemonFactory, tmp_path: Path
+) -> None:
+    """Old and new workers share a kept address's queue during a reload: they must read it alike."""
+    config = tmp_path / "flip.toml"
+    daemon = proxied_daemon(echod, config=config, workers=1)
+    config.write_text(config.read_text().replace("proxy_protocol = true", "proxy_protocol = false"))
+    daemon.send_signal(signal.SIGHUP)
+    wait_metrics(daemon, lambda m: m['echod_config_reloads_total{result="failure"}'] == 1, "a failed reload")
+    assert "proxy_protocol cannot change on a reload" in daemon.log()
+    destination = ("127.0.0.1", daemon.port)
+    with connect(daemon) as sock:  # still the PROXY listener it was
+        sock.sendall(header_v1(("192.0.2.9", 9), destination) + b"kept")
+        assert recv_exactly(sock, 4) == b"kept"

@@ -45,23 +45,9 @@ def test_pending_output_lives_in_a_pipe_and_a_fast_stop_flushes_it(echod: Daemon
     daemon = echod("--io-mode", "splice", "--shutdown-timeout", "60", workers=1)
     pid = worker(daemon)
     idle_pipes = pipes(pid)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.settimeout(5)
-    sock.connect((daemon.host, daemon.port))
+    sock = small_buffer_client(daemon)
     payload = os.urandom(32 << 20)
-    sock.setblocking(False)
-    sent = 0
-    deadline = time.monotonic() + 15
-    quiet_since = time.monotonic()
-    while sent < len(payload) and time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
-        try:
-            n = sock.send(payload[sent : sent + 65536])
-        except BlockingIOError:
-            time.sleep(0.01)
-            continue
-        sent += n
-        quiet_since = time.monotonic()
+    sent = send_until_stuck(sock, payload)
     assert 0 < sent < len(payload), "the client never got stuck: echod did not stop reading"
     wait_metrics(daemon, lambda m: m[BUFFERED] > 0, "output pending inside echod")
     # The pending output sits in a pipe: the worker holds one more pipe than when idle.
@@ -76,8 +62,6 @@ def test_pending_output_lives_in_a_pipe_and_a_fast_stop_flushes_it(echod: Daemon
     received = int(wait_for(settled, 15, "echod's received bytes to settle"))
     assert received <= sent
     daemon.send_signal(signal.SIGINT)  # fast stop: flush what was read, then close
-    sock.settimeout(15)
-    sock.setblocking(True)
     got = recv_exactly(sock, received + 1)
     sock.close()
     assert len(got) == received, f"{len(got)} bytes echoed, echod had read {received}"
@@ -119,3 +103,55 @@ def test_reload_switches_io_mode_under_live_connections(echod: DaemonFactory, tm
     finally:
         for sock in socks:
             sock.close()
+
+
+def small_buffer_client(daemon: Daemon) -> socket.socket:
+    """A client whose own small receive buffer makes echod hold the output it does not read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(5)
+    sock.connect((daemon.host, daemon.port))
+    return sock
+
+
+def send_until_stuck(sock: socket.socket, payload: bytes) -> int:
+    """Send without reading until the socket takes nothing for a second; returns the bytes sent."""
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 15
+    quiet_since = time.monotonic()
+    while sent < len(payload) and time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
+        try:
+            sent += sock.send(payload[sent : sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        quiet_since = time.monotonic()
+    sock.setblocking(True)
+    sock.settimeout(15)
+    return sent
+
+
+def test_auto_mode_splices_large_reads_and_copies_small_ones(echod: DaemonFactory) -> None:
+    daemon = echod("--io-mode", "auto", workers=1)
+    pid = worker(daemon)
+    idle_pipes = pipes(pid)
+    with small_buffer_client(daemon) as sock:
+        for size in (1, 64, 1000):  # small: copy mode, no pipe beyond the scratch one
+            payload = os.urandom(size)
+            sock.sendall(payload)
+            assert recv_exactly(sock, size) == payload
+        assert pipes(pid) == idle_pipes
+        # Large reads move the connection to splice; once the client stops reading, the output that
+        # backs up waits in a pipe of its own.
+        big = os.urandom(32 << 20)
+        sent = send_until_stuck(sock, big)
+        assert 0 < sent < len(big), "the client never got stuck: echod did not stop reading"
+        wait_metrics(daemon, lambda m: m[BUFFERED] > 0, "output pending inside echod")
+        assert pipes(pid) == idle_pipes + 2, "large reads did not move the connection to splice"
+        assert recv_exactly(sock, sent) == big[:sent], "the echo differs from what was sent"
+        for size in (1, 64, 1000):  # and small messages still echo exactly
+            payload = os.urandom(size)
+            sock.sendall(payload)
+            assert recv_exactly(sock, size) == payload
+    wait_metrics(daemon, lambda m: m[BUFFERED] == 0 and m["echod_dropped_bytes_total"] == 0, "all sent")

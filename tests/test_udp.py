@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +56,7 @@ def answers(sock: socket.socket, quiet: float = 0.5) -> list[tuple[bytes, tuple]
 
 
 @pytest.fixture
-def udp_echod(echod: DaemonFactory) -> Iterator[callable]:
+def udp_echod(echod: DaemonFactory) -> Iterator[Callable[..., tuple[Daemon, tuple[str, int]]]]:
     def start(*extra: str, workers: int = 1, host: str = "127.0.0.1") -> tuple[Daemon, tuple[str, int]]:
         address = (host, free_udp_port(host))
         text = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
@@ -110,6 +110,44 @@ def test_datagrams_from_well_known_ports_are_never_answered(udp_echod) -> None:
     with client() as sock:  # an ordinary port still gets its echo
         sock.sendto(b"fine", address)
         assert sock.recvfrom(100)[0] == b"fine"
+
+
+def test_datagrams_from_our_own_udp_port_are_never_answered(udp_echod) -> None:
+    """Two echo servers on the same port would bounce one spoofed datagram between them for ever."""
+    daemon, address = udp_echod()
+    with client("127.0.0.9", port=address[1], timeout=1) as sock:  # another address, echod's own port
+        sock.sendto(b"ping-pong?", address)
+        assert answers(sock) == []
+    wait_metrics(daemon, lambda m: m[dropped("source_port")] == 1 and m[TX] == 0, "the drop counted")
+
+
+def test_rate_limit_holds_across_workers_whatever_the_source_port(udp_echod) -> None:
+    """The kernel would spread one address's source ports over the workers, each with its own
+    buckets; echod steers datagrams by source address, so the limit holds for the whole daemon."""
+    rate, ports, sent = 20, 16, 160
+    daemon, address = udp_echod("--udp-rate-packets", str(rate), workers=2)
+    socks = [client("127.0.0.10") for _ in range(ports)]
+    try:
+        start = time.monotonic()
+        for i in range(sent):
+            socks[i % ports].sendto(b"%d" % i, address)
+        elapsed = time.monotonic() - start
+        time.sleep(0.5)
+        got = 0
+        for sock in socks:
+            sock.setblocking(False)
+            while True:
+                try:
+                    sock.recvfrom(100)
+                except BlockingIOError:
+                    break
+                got += 1
+    finally:
+        for sock in socks:
+            sock.close()
+    bound = rate + int(rate * (elapsed + 0.05)) + 1
+    assert rate <= got <= bound, f"{got} of {sent} answered from {ports} ports, expected {rate}..{bound}"
+    wait_metrics(daemon, lambda m: m[TX] == got and m[dropped("rate_limit")] == sent - got, "counted")
 
 
 def _bindable_udp(port: int) -> bool:

@@ -103,8 +103,9 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(
         10, ge=1, le=3600, description="extension: a worker silent this long is killed and replaced"
     )
-    io_mode: Literal["copy", "splice"] = Field(
-        "copy", description='"splice": echo through a pipe with splice(2), bytes never enter Python'
+    io_mode: Literal["copy", "splice", "auto"] = Field(
+        "copy",
+        description='"splice": echo through pipes with splice(2); "auto": splice for large reads only',
     )
     listeners: Annotated[dict[str, ListenerOptions], NoDecode] = Field(
         default_factory=dict,
@@ -117,13 +118,13 @@ class Settings(BaseSettings):
         default_factory=list, description="UDP echo addresses (off when empty)"
     )
     udp_rate_packets: float = Field(
-        100, gt=0, le=1e9, description="UDP datagrams per second answered per source address"
+        100, ge=1, le=1e9, description="UDP datagrams per second answered per source address"
     )
     udp_rate_bytes: float = Field(
         262144, gt=0, le=1e12, description="UDP bytes per second answered per source address"
     )
     udp_max_sources: int = Field(
-        16384, ge=1, le=10_000_000, description="per worker: source addresses rate-limited at once"
+        16384, ge=1, le=1_000_000, description="per worker: source addresses rate-limited at once"
     )
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()

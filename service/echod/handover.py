@@ -51,7 +51,7 @@ def accept(lsock: socket.socket) -> socket.socket | None:
 def receive(chan: socket.socket) -> list[tuple[int, str]] | None:
     """(fd, client address or "") for one message; [] if none is ready; None once the sender is done."""
     try:
-        data, fds, _flags, _addr = socket.recv_fds(chan, _MAX_DATA, MAX_FDS)
+        data, fds, flags, _addr = socket.recv_fds(chan, _MAX_DATA, MAX_FDS)
     except BlockingIOError:
         return []
     except OSError:
@@ -59,7 +59,7 @@ def receive(chan: socket.socket) -> list[tuple[int, str]] | None:
     if not data and not fds:
         return None
     peers = data[len(_MAGIC) :].decode("ascii", "replace").split("\n") if data.startswith(_MAGIC) else []
-    if len(peers) != len(fds):  # an older sender: no addresses
+    if len(peers) != len(fds) or flags & socket.MSG_TRUNC:  # an older sender, or cut short: no addresses
         peers = [""] * len(fds)
     return list(zip(fds, peers, strict=True))
 
@@ -75,7 +75,21 @@ def connect(pid: int) -> socket.socket:
     return chan
 
 
+class PartialHandover(OSError):
+    """Some messages went over before one failed: `sent` descriptors are the successor's now."""
+
+    def __init__(self, error: OSError, sent: int) -> None:
+        super().__init__(error.errno, error.strerror)
+        self.sent = sent
+
+
 def send(chan: socket.socket, fds: list[int], peers: list[str]) -> None:
     for start in range(0, len(fds), MAX_FDS):
-        text = "\n".join(peers[start : start + MAX_FDS]).encode("ascii")
-        socket.send_fds(chan, [_MAGIC + text], fds[start : start + MAX_FDS])
+        # No IPv6 scope ("%eth0"): an address must fit its 46 bytes, and text is ASCII whatever happens.
+        text = "\n".join(peer.partition("%")[0] for peer in peers[start : start + MAX_FDS])
+        try:
+            socket.send_fds(chan, [_MAGIC + text.encode("ascii", "replace")], fds[start : start + MAX_FDS])
+        except OSError as exc:
+            if start:
+                raise PartialHandover(exc, start) from exc
+            raise

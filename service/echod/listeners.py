@@ -23,7 +23,9 @@ SD_LISTEN_FDS_START = 3
 SO_ATTACH_REUSEPORT_CBPF = 51  # <asm-generic/socket.h>
 # Classic BPF: A = skb->hash (ancillary load); A %= active; return A.
 _BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16
+_BPF_TAX, _BPF_ALU_XOR_X = 0x07, 0xAC
 _SKF_AD_RXHASH = (-0x1000 + 32) & 0xFFFFFFFF
+_SKF_NET_OFF = -0x100000  # loads relative to the IP header
 
 
 class _SockFilter(ctypes.Structure):  # struct sock_filter
@@ -40,11 +42,26 @@ class _SockFprog(ctypes.Structure):  # struct sock_fprog
 
 
 def _attach_steering(sock: socket.socket, active: int) -> None:
-    program = (_SockFilter * 3)(
-        _SockFilter(_BPF_LD_W_ABS, 0, 0, _SKF_AD_RXHASH),
-        _SockFilter(_BPF_ALU_MOD_K, 0, 0, active),
-        _SockFilter(_BPF_RET_A, 0, 0, 0),
-    )
+    """TCP: new connections by flow hash, to the first `active` sockets of the group."""
+    _attach(sock, [(_BPF_LD_W_ABS, _SKF_AD_RXHASH), (_BPF_ALU_MOD_K, active), (_BPF_RET_A, 0)])
+
+
+def _attach_source_steering(sock: socket.socket, active: int) -> None:
+    """UDP: datagrams by source address (IPv6: its /64), so that every datagram of one source meets the
+    same worker and its rate limit, whatever source ports a spoofer varies."""
+
+    def net(offset: int) -> int:
+        return (_SKF_NET_OFF + offset) & 0xFFFFFFFF
+
+    if sock.family == socket.AF_INET:
+        source = [(_BPF_LD_W_ABS, net(12))]
+    else:
+        source = [(_BPF_LD_W_ABS, net(8)), (_BPF_TAX, 0), (_BPF_LD_W_ABS, net(12)), (_BPF_ALU_XOR_X, 0)]
+    _attach(sock, [*source, (_BPF_ALU_MOD_K, active), (_BPF_RET_A, 0)])
+
+
+def _attach(sock: socket.socket, code: list[tuple[int, int]]) -> None:
+    program = (_SockFilter * len(code))(*(_SockFilter(op, 0, 0, k) for op, k in code))
     # `program` stays alive until setsockopt has copied it into the kernel.
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(_SockFprog(len(program), program)))
 
@@ -259,10 +276,10 @@ class ListenerSet:
         """
         ok = True
         for address, group in self.sockets.items():
-            if address in self.shared or address.udp:  # a datagram lost on a scale-down is UDP's lot
+            if address in self.shared:
                 continue
             try:
-                _attach_steering(group[0], active)
+                (_attach_source_steering if address.udp else _attach_steering)(group[0], active)
             except OSError as exc:
                 log.warning(
                     "cannot steer %s with SO_ATTACH_REUSEPORT_CBPF (%s): fewer workers may reset queued"

@@ -206,7 +206,7 @@ class Master:
         log.debug("worker %d started in slot %d (generation %d)", pid, slot, self.generation)
 
     def _worker_class(self) -> type[Worker]:
-        return SpliceWorker if self.settings.io_mode == "splice" else Worker
+        return Worker if self.settings.io_mode == "copy" else SpliceWorker
 
     def _fork(self, body: Callable[[], int], keep: list[socket.socket], name: str) -> int:
         # Signals stay blocked across fork so that none reaches the child's copy of our handlers.
@@ -424,6 +424,7 @@ class Master:
         try:
             new = self.load()
             logs.check_file(new.log.file)
+            self._check_proxy_unchanged(new, held)
             addresses = new.all_addresses
             if self.listeners.shared:  # socket-activated: systemd owns the addresses
                 addresses = self.listeners.addresses
@@ -449,6 +450,15 @@ class Master:
         for slot in range(self.wanted):
             self._spawn(slot)
         self._publish_state()
+
+    def _check_proxy_unchanged(self, new: Settings, held: set[Address]) -> None:
+        """Old and new workers share a kept address's queue for a while: they must read it alike."""
+        changed = sorted(str(a) for a in (new.proxy_addresses() ^ self.settings.proxy_addresses()) & held)
+        if changed:
+            raise ConfigError(
+                f"listeners: proxy_protocol cannot change on a reload for {', '.join(changed)}, which stays"
+                " open (old and new workers share its queue); restart echod, or use another address"
+            )
 
     def _count_reload_success(self, superseded: bool = False) -> None:
         self.stats.master[stats.M_RELOAD_SUCCESS] += 1

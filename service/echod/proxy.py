@@ -94,7 +94,7 @@ def _parse_v2(data: bytes) -> tuple[int, Source] | None:
     if total > MAX_HEADER:
         raise ProxyError(f"PROXY v2: header of {total} bytes is over the {MAX_HEADER}-byte limit")
     size = _V2_ADDRESS_SIZE.get(family_transport)
-    if size is None:
+    if size is None and command == 1:  # LOCAL ignores the family, whatever it says (spec 2.2)
         raise ProxyError(f"PROXY v2: unknown address family/transport 0x{family_transport:02x}")
     if len(data) < total:
         return None

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from . import stats
 from .connection import Connection
@@ -29,7 +30,11 @@ from .worker import EPOLLIN, EPOLLOUT, READING, Worker
 log = logging.getLogger("echod.worker")
 
 NONBLOCK = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
-IDLE_PIPES = 64  # empty pipes kept for reuse
+# Empty pipes kept for reuse. Few: an idle pipe still counts its capacity against the user's
+# fs.pipe-user-pages-soft (16384 pages), beyond which new pipes get 2 pages only.
+IDLE_PIPES = 8
+BULK = 16384  # auto mode: a read at least this large moves the connection to splice ...
+SMALL = 4096  # ... and a splice smaller than this moves it back to copy
 
 
 class Piped(Connection):
@@ -77,6 +82,7 @@ class PipePool:
     def __init__(self, size: int) -> None:
         self.size = _pipe_size(size)
         self.idle: list[tuple[int, int]] = []
+        self.warned = False
 
     def get(self) -> tuple[int, int]:
         """An empty pipe (read end, write end); OSError (EMFILE...) when none can be made."""
@@ -85,8 +91,14 @@ class PipePool:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
-        except OSError:  # over fs.pipe-user-pages-soft: the kernel's default size still works
-            pass
+        except OSError:  # over fs.pipe-user-pages-soft: a smaller pipe still works, just pauses sooner
+            if not self.warned:
+                self.warned = True
+                log.warning(
+                    "pipes are limited to %d bytes (fs.pipe-user-pages-soft reached): connections with"
+                    " pending output pause sooner",
+                    fcntl.fcntl(w, fcntl.F_GETPIPE_SZ),
+                )
         return r, w
 
     def put(self, r: int, w: int) -> None:
@@ -107,7 +119,20 @@ def _pipe_size(wanted: int) -> int:
 
 
 class SpliceWorker(Worker):
-    """A Worker whose plain connections echo through splice(2) instead of os.read/os.write."""
+    """A Worker whose plain connections echo through splice(2) instead of os.read/os.write.
+
+    io_mode = "auto" runs this worker too: each connection starts in copy mode, moves to splice once a
+    read brings BULK bytes or more, and back once a splice brings less than SMALL (bench/README.md:
+    splice costs less per byte for large messages, a little more per message for small ones).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        auto = self.settings.io_mode == "auto"
+        self.bulk = BULK if auto else 0
+        self.small = SMALL if auto else 0
+        self.splice_first = not auto
+        self.spliced: list[bool] = [self.splice_first] * len(self.table)  # fd -> in splice mode now
 
     def run(self) -> int:
         self.pipes = PipePool(self.settings.write_buffer_high)
@@ -115,12 +140,15 @@ class SpliceWorker(Worker):
         return super().run()
 
     def _serve(self, events: list[tuple[int, int]]) -> None:
-        splice, table, last, size, tick = os.splice, self.table, self.last, self.read_size, self.tick
-        slow, close, IN = self._event, self._close, EPOLLIN
+        splice, read, write = os.splice, os.read, os.write
+        table, last, spliced, size, tick = self.table, self.last, self.spliced, self.read_size, self.tick
+        slow, close, IN, bulk, small = self._event, self._close, EPOLLIN, self.bulk, self.small
         received = sent = 0
         for fd, ev in events:
             state = table[fd]
-            if state is None and ev == IN:
+            if state is not None or ev != IN:
+                slow(fd, ev, state)
+            elif spliced[fd]:
                 sr, sw = self.scratch_r, self.scratch_w
                 try:
                     k = splice(fd, sw, size, None, None, NONBLOCK)
@@ -134,6 +162,8 @@ class SpliceWorker(Worker):
                     continue
                 last[fd] = tick
                 received += k
+                if k < small:
+                    spliced[fd] = False
                 try:
                     n = splice(sr, fd, k, None, None, NONBLOCK)
                 except BlockingIOError:
@@ -145,11 +175,44 @@ class SpliceWorker(Worker):
                 sent += n
                 if n != k:
                     self._keep(fd, k - n)
-            else:
-                slow(fd, ev, state)
+            else:  # auto mode, small messages: Worker._serve's copy path, inlined for its speed
+                try:
+                    data = read(fd, size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    close(fd, "error", exc)
+                    continue
+                if not data:
+                    self._eof(fd, None)
+                    continue
+                last[fd] = tick
+                k = len(data)
+                received += k
+                if k >= bulk:
+                    spliced[fd] = True
+                try:
+                    n = write(fd, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    close(fd, "error", exc)
+                    continue
+                sent += n
+                if n != k:
+                    self._buffer(fd, data, n)
         counts = self.counts
         counts[stats.RECEIVED_BYTES] += received
         counts[stats.SENT_BYTES] += sent
+
+    def _grow(self, fd: int) -> None:
+        super()._grow(fd)
+        if len(self.spliced) < len(self.table):
+            self.spliced.extend([self.splice_first] * (len(self.table) - len(self.spliced)))
+
+    def _adopt(self, fd: int) -> None:
+        super()._adopt(fd)
+        self.spliced[fd] = self.splice_first
 
     def _discard_scratch(self, pending: int) -> None:
         Piped(self.scratch_r, self.scratch_w, pending).take()
@@ -219,10 +282,9 @@ class SpliceWorker(Worker):
 
     def _begin_close(self, now: float) -> None:
         # Closing keeps its output in memory: pipes are read out once, at stop.
-        for fd, state in enumerate(self.table):
-            if state.__class__ is Piped and self.close_deadline is None:
-                plain = Connection(state.take())
-                plain.paused, plain.eof = state.paused, state.eof
-                self._release(state)
-                self.table[fd] = plain
+        if self.close_deadline is None:
+            for fd, state in enumerate(self.table):
+                if state.__class__ is Piped:
+                    self.table[fd] = Connection(state.take())
+                    self._release(state)
         super()._begin_close(now)

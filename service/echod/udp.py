@@ -4,9 +4,14 @@ An open UDP echo service answers whoever a datagram claims to come from, so a sp
 into a traffic reflector, and a spoofed well-known port (echo 7, chargen 19, ...) into a loop between
 two servers. The guards, in the order a datagram meets them:
 
-- datagrams from source ports below 1024 are never answered (no service talks from there to us);
-- each source address has a token bucket for datagrams and bytes per second (one second of burst),
-  so no address, real or spoofed, gets more than the configured rate reflected at it;
+- datagrams from source ports below 1024 are never answered (no service talks from there to us), nor
+  from the ports echod itself serves UDP on (two echo servers would otherwise bounce one datagram
+  between them for ever);
+- each source has a token bucket for datagrams and bytes per second (one second of burst), so no
+  address, real or spoofed, gets more than the configured rate reflected at it. A source is an IPv4
+  address or an IPv6 /64 (one site owns a whole /64; rotating through it must not multiply the
+  rate), and the master steers every datagram of one source to the same worker (listeners.py), so
+  the limit holds for the whole daemon, not per worker;
 - the reply is the datagram itself: never larger than the request, so nothing is amplified;
 - at most `udp_max_sources` buckets exist per worker: memory is bounded by configuration, and a flood
   of spoofed sources gets nothing answered rather than an unbounded table.
@@ -18,6 +23,18 @@ import socket
 import time
 
 from . import stats
+
+_MAPPED = "::ffff:"  # an IPv4 client on a dual-stack socket (socket-activated without V6ONLY)
+
+
+def source_key(host: str) -> str | bytes:
+    """The rate-limited unit a datagram comes from: an IPv4 address, or an IPv6 /64."""
+    if ":" not in host:
+        return host
+    if host.startswith(_MAPPED) and "." in host:
+        return host[len(_MAPPED) :]
+    return socket.inet_pton(socket.AF_INET6, host.partition("%")[0])[:8]
+
 
 BATCH = 64  # datagrams per readiness event: the other connections get their turn after that
 MAX_DATAGRAM = 65535
@@ -34,9 +51,10 @@ class RateLimiter:
         self.octets = octets
         self.max_sources = max_sources
         self.counts = counts
-        self.buckets: dict[str, list[float]] = {}  # source -> [datagram tokens, byte tokens, refilled at]
+        self.buckets: dict[str | bytes, list[float]] = {}  # source -> [datagram, byte tokens, refilled at]
 
-    def allow(self, source: str, size: int, now: float) -> bool:
+    def allow(self, host: str, size: int, now: float) -> bool:
+        source = source_key(host)
         bucket = self.buckets.get(source)
         if bucket is None:
             if len(self.buckets) >= self.max_sources:
@@ -65,21 +83,20 @@ class RateLimiter:
 class UdpEcho:
     """One UDP socket of this worker's slot."""
 
-    __slots__ = ("counts", "limiter", "sock")
+    __slots__ = ("counts", "deny", "limiter", "sock")
 
-    def __init__(self, sock: socket.socket, limiter: RateLimiter, counts: list[int]) -> None:
+    def __init__(
+        self, sock: socket.socket, limiter: RateLimiter, counts: list[int], deny: frozenset[int]
+    ) -> None:
         self.sock = sock
         self.limiter = limiter
         self.counts = counts
+        self.deny = deny  # source ports above 1023 never answered: our own UDP echo ports
 
     def serve(self) -> None:
         """Answer what is queued, up to BATCH datagrams (level-triggered: the rest comes next turn)."""
-        recvfrom, sendto, allow, counts = (
-            self.sock.recvfrom,
-            self.sock.sendto,
-            self.limiter.allow,
-            self.counts,
-        )
+        recvfrom, sendto = self.sock.recvfrom, self.sock.sendto
+        allow, counts, deny = self.limiter.allow, self.counts, self.deny
         now = time.monotonic()
         for _ in range(BATCH):
             try:
@@ -91,7 +108,7 @@ class UdpEcho:
             size = len(data)
             counts[stats.UDP_RECEIVED_PACKETS] += 1
             counts[stats.UDP_RECEIVED_BYTES] += size
-            if source[1] < 1024:
+            if source[1] < 1024 or source[1] in deny:
                 counts[stats.UDP_DROPPED_PORT] += 1
                 continue
             if not allow(source[0], size, now):

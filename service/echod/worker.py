@@ -174,12 +174,15 @@ class Worker:
             fd = sock.fileno()
             self._grow(fd)
             if sock.type == socket.SOCK_DGRAM:
-                self.table[fd] = UdpEcho(sock, self.limiter, self.counts)
+                self.table[fd] = UdpEcho(sock, self.limiter, self.counts, self._udp_ports())
             else:
                 self.table[fd] = _Listener(sock, fd in self.proxied)
             # Exclusive: when workers share a socket (reload overlap, socket activation), one wakes.
             self.ep.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
         self.accepting = True
+
+    def _udp_ports(self) -> frozenset[int]:
+        return frozenset(s.getsockname()[1] for s in self.listeners if s.type == socket.SOCK_DGRAM)
 
     def _stop_accepting(self) -> None:
         for sock in self.listeners:
@@ -488,13 +491,8 @@ class Worker:
             self.last[fd] = self.tick
             self.counts[stats.RECEIVED_BYTES] += len(rest)
             self._echo(fd, rest)
-        if self.outbox is not None:  # retiring: pass it on like the others once its echo is out
-            state = self.table[fd]
-            if state is None:
-                self._send_over([fd])
-            elif isinstance(state, Connection):
-                state.paused = True
-                self.ep.modify(fd, EPOLLOUT)
+        if self.outbox is not None:  # retiring: pass it on like the others
+            self._pass_on(fd)
 
     def _admit_proxied(self, fd: int, source: proxy.Source) -> bool:
         if source is None:  # LOCAL or UNKNOWN: the proxy speaks for itself
@@ -680,15 +678,23 @@ class Worker:
             log.warning("cannot hand connections over to worker %d (%s): retrying", successor, exc)
             return
         self.outbox_pid = successor
-        plain = []
-        for fd, state in enumerate(self.table):
-            if state is None:
-                plain.append(fd)
-            elif isinstance(state, Connection) and not state.eof:
-                state.paused = True  # read nothing more: what the client sends now is the successor's
-                self.ep.modify(fd, EPOLLOUT)
+        plain = [fd for fd, state in enumerate(self.table) if state is None]
         self._send_over(plain)
+        if self.outbox is None:  # that failed: _keep_handing_over tries again in a second
+            return
+        for fd, state in enumerate(self.table):
+            if isinstance(state, Connection):
+                self._pass_on(fd)
         log.info("handed %d connections over to worker %d", len(plain), successor)
+
+    def _pass_on(self, fd: int) -> None:
+        """Hand `fd` over now, or once the output it owes is sent (see _flush)."""
+        state = self.table[fd]
+        if state is None:
+            self._send_over([fd])
+        elif isinstance(state, Connection) and not state.eof:
+            state.paused = True  # read nothing more: what the client sends now is the successor's
+            self.ep.modify(fd, EPOLLOUT)
 
     def _send_over(self, fds: list[int]) -> None:
         for fd in fds:
@@ -697,12 +703,13 @@ class Worker:
             assert self.outbox is not None
             handover.send(self.outbox, fds, [self.peer.get(fd, "") for fd in fds])
         except OSError as exc:
-            log.warning("handover failed (%s): serving %d connections here for now", exc, len(fds))
+            sent = exc.sent if isinstance(exc, handover.PartialHandover) else 0
+            log.warning("handover failed (%s): serving %d connections here for now", exc, len(fds) - sent)
             self.outbox.close()  # type: ignore[union-attr]
             self.outbox, self.outbox_pid = None, 0
-            for fd in fds:
+            for fd in fds[sent:]:
                 self.ep.register(fd, READING)
-            return
+            fds = fds[:sent]  # those are the successor's already
         for fd in fds:
             self.table[fd] = _CLOSED
             if self.wheel is not None:
