@@ -252,7 +252,7 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> tuple[list
     """(argv, environment, extra port to wait for or 0) of server `name` listening on port."""
     env = dict(os.environ)
     py = sys.executable
-    if name in ("echod", "echod_nometrics", "echod_splice", "echod_auto"):
+    if name in ("echod", "echod_nometrics", "echod_copy", "echod_splice"):
         for key in [k for k in env if k.startswith("ECHOD_")]:
             del env[key]  # defaults + the flags below only, whatever the caller's environment says
         if importlib.util.find_spec("echod") is None:
@@ -269,7 +269,7 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> tuple[list
             "--backlog", "4096",  # as the baselines
             "--max-connections", "20000",  # the rss scenario holds 10,000 (default limit: 10,000)
             "--metrics-listen", f"{HOST}:{mport}" if metrics else "",
-            "--io-mode", {"echod_splice": "splice", "echod_auto": "auto"}.get(name, "copy"),
+            "--io-mode", {"echod_copy": "copy", "echod_splice": "splice"}.get(name, "auto"),
         ]  # fmt: skip
         return argv, env, mport
     if name in ("asyncio_proto", "uvloop_proto"):
@@ -695,9 +695,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--io-mode",
-        choices=["copy", "all"],
-        default="copy",
-        help="'all' also runs echod_splice and echod_auto: echod with io_mode splice, auto (default: copy)",
+        choices=["auto", "all"],
+        default="auto",
+        help="'all' also runs echod_copy and echod_splice: echod with io_mode copy, splice (default: auto)",
     )
     ap.add_argument(
         "--server",
@@ -731,10 +731,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.metrics == "both" and "echod" in args.servers and "echod_nometrics" not in args.servers:
         args.servers.insert(args.servers.index("echod") + 1, "echod_nometrics")
     if args.io_mode == "all" and "echod" in args.servers:
-        for extra in ("echod_auto", "echod_splice"):
+        for extra in ("echod_splice", "echod_copy"):
             if extra not in args.servers:
                 args.servers.insert(args.servers.index("echod") + 1, extra)
-    known = {"echod", "echod_nometrics", "echod_splice", "echod_auto", "asyncio_proto", "uvloop_proto"}
+    known = {"echod", "echod_nometrics", "echod_copy", "echod_splice", "asyncio_proto", "uvloop_proto"}
     known |= set(args.custom)
     for s in args.servers:
         if s not in known:

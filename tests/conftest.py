@@ -16,9 +16,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 ECHOD = [sys.executable, "-m", "echod"]
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings for the fuzz tests: reproducible (derandomized, no database), no deadline."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

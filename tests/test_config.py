@@ -39,7 +39,7 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "idle_timeout": 300,
     "shutdown_timeout": 30,
     "heartbeat_timeout": 10,
-    "io_mode": "copy",
+    "io_mode": "auto",
     "listeners": {},
     "proxy_protocol_timeout": 5,
     "udp_listen": [],

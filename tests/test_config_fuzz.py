@@ -30,18 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fuzz_settings
 from echod.cli import main as cli_main
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 EX_CONFIG = 78
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(200)
 
 # The settings (SPEC.md and the README's extensions) and the kind of value each takes.
 TOP_LEVEL = {

@@ -41,12 +41,13 @@ from conftest import (
     DaemonFactory,
     echo_roundtrip,
     free_port,
+    fuzz_settings,
     recv_exactly,
     wait_for,
     wait_metrics,
 )
 from echod.proxy import MAX_HEADER, V2_SIGNATURE, ProxyError, header_v1, header_v2, parse
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,13 +64,7 @@ ACTIVE = "echod_connections_active"
 RESTARTS = "echod_worker_restarts_total"
 IO_TIMEOUT = 10.0  # seconds any socket operation may take before the test fails instead of hanging
 
-FUZZ = settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(300)
 
 
 # -- hand-built headers (from the spec, not from echod.proxy's own builders) ---------------------------------

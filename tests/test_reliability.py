@@ -300,7 +300,9 @@ def test_thousand_slow_readers_stay_within_the_memory_bound(echod):
 @pytest.mark.timeout(90)
 def test_mass_reset_with_pending_output(echod):
     victims_n = 100
-    daemon = echod(workers=1)  # default watermarks: 256 KiB high, 64 KiB low
+    # Default watermarks (256 KiB high, 64 KiB low). Copy mode, for exact descriptor accounting: in
+    # splice and auto mode a connection with pending output also holds a pipe (test_echo covers that).
+    daemon = echod("--io-mode", "copy", workers=1)
     worker = one_worker(daemon)
     bystander = daemon.connect(timeout=LIVENESS)
     assert echo_roundtrip(bystander, b"before") == b"before"
@@ -896,3 +898,38 @@ def test_metrics_slowloris_stalls_neither_metrics_nor_echo(echod):
         close_all([*loris, echo])
     metrics_pid = daemon.metrics_process()
     assert metrics_pid is not None and alive(metrics_pid), "the metrics process died"
+
+
+@pytest.mark.timeout(90)
+def test_splice_without_a_spare_pipe_buffers_in_memory(limited_echod):
+    """Splice mode one descriptor short of a pipe: pending output goes to a memory buffer, nothing lost."""
+    nofile = 48
+    daemon = limited_echod(nofile, "--io-mode", "splice", "--log-level", "debug")
+    worker = one_worker(daemon)
+    free = nofile - open_fds(worker)
+    held = [daemon.connect(timeout=LIVENESS) for _ in range(free - 2)]
+    try:
+        for sock in held:  # each one accepted and served
+            assert echo_roundtrip(sock, b"x") == b"x"
+        pusher = stuck_client(daemon)  # the last descriptor but one: no pipe (two) can be had now
+        assert nofile - open_fds(worker) == 1, open_fds(worker)
+        payload = random.randbytes(4 * MIB)
+        sent = 0
+        deadline = time.monotonic() + 2 * LIVENESS
+        while time.monotonic() < deadline:
+            try:
+                sent += pusher.send(payload[sent : sent + 64 * KIB])
+            except BlockingIOError:
+                if daemon.metrics()[BUFFERED]:
+                    break
+                time.sleep(0.01)
+        wait_metrics(daemon, lambda m: m[BUFFERED] > 0, "echod to hold output for the pusher")
+        assert nofile - open_fds(worker) == 1, "a pipe was had after all"
+        wait_for(lambda: "buffering in memory" in daemon.log(), LIVENESS, "the fallback to be logged")
+        pusher.setblocking(True)
+        pusher.settimeout(LIVENESS)
+        assert recv_exactly(pusher, sent) == payload[:sent], "the echo differs from what was sent"
+        pusher.close()
+    finally:
+        close_all(held)
+    assert daemon.workers() == [worker] and "Traceback" not in daemon.log(), daemon.log()

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         10, ge=1, le=3600, description="extension: a worker silent this long is killed and replaced"
     )
     io_mode: Literal["copy", "splice", "auto"] = Field(
-        "copy",
+        "auto",
         description='"splice": echo through pipes with splice(2); "auto": splice for large reads only',
     )
     listeners: Annotated[dict[str, ListenerOptions], NoDecode] = Field(

@@ -84,21 +84,30 @@ class PipePool:
         self.idle: list[tuple[int, int]] = []
         self.warned = False
 
-    def get(self) -> tuple[int, int]:
-        """An empty pipe (read end, write end); OSError (EMFILE...) when none can be made."""
+    def get(self, sized: bool = True) -> tuple[int, int]:
+        """An empty pipe (read end, write end); OSError (EMFILE...) when none can be made.
+
+        Past fs.pipe-user-pages-soft the kernel hands out 2-page pipes only; with `sized` that is an
+        error too (a connection is better off with a memory buffer than with an 8 KiB pipe).
+        """
         if self.idle:
             return self.idle.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
-        except OSError:  # over fs.pipe-user-pages-soft: a smaller pipe still works, just pauses sooner
+        except OSError as exc:
             if not self.warned:
                 self.warned = True
                 log.warning(
-                    "pipes are limited to %d bytes (fs.pipe-user-pages-soft reached): connections with"
-                    " pending output pause sooner",
-                    fcntl.fcntl(w, fcntl.F_GETPIPE_SZ),
+                    "pipes cannot be sized to %d bytes (%s; fs.pipe-user-pages-soft reached?): pending"
+                    " output is buffered in memory instead",
+                    self.size,
+                    exc.strerror,
                 )
+            if sized:
+                os.close(r)
+                os.close(w)
+                raise
         return r, w
 
     def put(self, r: int, w: int) -> None:
@@ -136,7 +145,7 @@ class SpliceWorker(Worker):
 
     def run(self) -> int:
         self.pipes = PipePool(self.settings.write_buffer_high)
-        self.scratch_r, self.scratch_w = self.pipes.get()
+        self.scratch_r, self.scratch_w = self.pipes.get(sized=False)  # a small one still works
         return super().run()
 
     def _serve(self, events: list[tuple[int, int]]) -> None:

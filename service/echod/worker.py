@@ -299,15 +299,21 @@ class Worker:
             self._read(fd, state)
 
     # -- connection events ----------------------------------------------------------------------
+    def _recv(self, fd: int) -> bytes | None:
+        """One read; None if nothing came (would block) or the connection failed and is closed."""
+        try:
+            return os.read(fd, self.read_size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._close(fd, "error", exc)
+            return None
+
     def _read(self, fd: int, conn: Connection | None) -> None:
         if conn is not None and (conn.paused or conn.eof):
             return
-        try:
-            data = os.read(fd, self.read_size)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._close(fd, "error", exc)
+        data = self._recv(fd)
+        if data is None:
             return
         if not data:
             self._eof(fd, conn)
@@ -461,12 +467,8 @@ class Worker:
 
     def _read_header(self, fd: int, state: AwaitingHeader) -> None:
         """Read until the PROXY header is whole; strip it, then echo whatever followed it."""
-        try:
-            data = os.read(fd, self.read_size)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._close(fd, "error", exc)
+        data = self._recv(fd)
+        if data is None:
             return
         if not data:  # closed before sending a whole header
             self._close(fd, "proxy_protocol")
