@@ -226,8 +226,10 @@ def test_edge_triggered_read_until_eagain_starves_other_connections(tmp_path: Pa
     et = starve(tmp_path, "epoll_et")
     lt = starve(tmp_path, "epoll_lt")
     rr = starve(tmp_path, "epoll_et", "--max-reads", "1")
-    # documented: while one connection floods, the victim waits for (most of) the 0.8 s left of the flood
-    assert et["max_ping_ms"] >= 300, et
+    # documented: while one connection floods, the victim waits for much of the 0.8 s left of the flood
+    # (how much depends on how long the flooder out-runs the server on a busy machine: 275-866 ms seen)
     for fair in (lt, rr):
         assert fair["max_ping_ms"] < 150, fair
         assert fair["pings_during_flood"] >= 20, fair
+    assert et["max_ping_ms"] >= 200, et
+    assert et["max_ping_ms"] > 2 * max(lt["max_ping_ms"], rr["max_ping_ms"]), (et, lt, rr)

@@ -912,7 +912,7 @@ def test_splice_without_a_spare_pipe_buffers_in_memory(limited_echod):
         for sock in held:  # each one accepted and served
             assert echo_roundtrip(sock, b"x") == b"x"
         pusher = stuck_client(daemon)  # the last descriptor but one: no pipe (two) can be had now
-        assert nofile - open_fds(worker) == 1, open_fds(worker)
+        wait_for(lambda: nofile - open_fds(worker) == 1, LIVENESS, "the pusher to be accepted")
         payload = random.randbytes(4 * MIB)
         sent = 0
         deadline = time.monotonic() + 2 * LIVENESS
