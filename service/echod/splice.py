@@ -1,4 +1,4 @@
-"""Zero-copy echo (`io_mode = "splice"`): socket -> pipe -> socket with splice(2).
+"""Zero-copy echo (`io_mode = "splice"` and `"auto"`): socket -> pipe -> socket with splice(2).
 
 The bytes never enter Python: no bytes object per read, no copy into user space and back. The worker
 keeps one empty "scratch" pipe; a ready connection is spliced into it and straight out again. When the
@@ -11,8 +11,8 @@ A pipe counts its capacity in pages, not bytes: a pipe of 64 pages holds 64 smal
 besides the byte watermarks, a connection whose pipe is full (splice into it would block) stops reading
 until the pipe drains, like one at write_buffer_high.
 
-When even a pipe cannot be had (out of descriptors), the pending bytes are read out of the pipe into a
-plain Connection buffer: the connection goes on in copy mode, nothing is lost.
+When no pipe of the right size can be had (out of descriptors, fs.pipe-user-pages-soft), the pending
+bytes are read out of the pipe into a plain Connection buffer: the connection goes on, nothing is lost.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ SMALL = 4096  # ... and a splice smaller than this moves it back to copy
 
 
 class Piped(Connection):
-    """A connection whose pending output sits in a pipe."""
+    """A connection whose pending output sits in a pipe.
+
+    It has no `buf`: every Connection method that touches one is replaced here, and only SpliceWorker,
+    which reads into it with `fill` instead of `append`, ever holds one.
+    """
 
     __slots__ = ("pending", "r", "w")
 
-    def __init__(
-        self, r: int, w: int, pending: int
-    ) -> None:  # no bytearray: Connection's methods are replaced
+    def __init__(self, r: int, w: int, pending: int) -> None:
         self.r, self.w, self.pending = r, w, pending
         self.paused = False
         self.eof = False
@@ -74,6 +76,9 @@ class Piped(Connection):
             chunks.append(chunk)
             self.pending -= len(chunk)
         return b"".join(chunks)
+
+    def append(self, data: bytes) -> None:
+        raise TypeError("a Piped connection is filled with fill(), not append()")
 
 
 class PipePool:
