@@ -453,7 +453,8 @@ class Master:
 
     def _check_proxy_unchanged(self, new: Settings, held: set[Address]) -> None:
         """Old and new workers share a kept address's queue for a while: they must read it alike."""
-        changed = sorted(str(a) for a in (new.proxy_addresses() ^ self.settings.proxy_addresses()) & held)
+        kept = held & set(new.addresses)
+        changed = sorted(str(a) for a in (new.proxy_addresses() ^ self.settings.proxy_addresses()) & kept)
         if changed:
             raise ConfigError(
                 f"listeners: proxy_protocol cannot change on a reload for {', '.join(changed)}, which stays"
