@@ -229,6 +229,50 @@ def echod(tmp_path: Path) -> Iterator[DaemonFactory]:
         daemon.kill()
 
 
+def one_worker(daemon: Daemon, timeout: float = 10.0) -> int:
+    workers = wait_for(lambda: daemon.workers(), timeout, "a worker process")
+    assert isinstance(workers, list) and len(workers) == 1, workers
+    return workers[0]
+
+
+def connect_small_buffers(
+    daemon: Daemon, buffers: int = 16 * 1024, timeout: float | None = None
+) -> socket.socket:
+    """A client with small, fixed kernel buffers (set before connecting); non-blocking unless `timeout`.
+
+    On loopback the kernel would otherwise autotune this client's buffers to megabytes and absorb much of
+    what it sends and of the unread echo, so echod would hardly ever need to hold any output itself.
+    """
+    host, port = daemon.listen[0].rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+    sock.settimeout(5)
+    sock.connect((host, int(port)))
+    sock.settimeout(timeout)
+    if timeout is None:
+        sock.setblocking(False)
+    return sock
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Last-resort cleanup of a process started in its own session by a test."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+
+
+def start_haproxy(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The real HAProxy in the foreground (-db) in its own session, its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["haproxy", "-f", str(config), "-db"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
 def echo_roundtrip(sock: socket.socket, payload: bytes) -> bytes:
     sock.sendall(payload)
     return recv_exactly(sock, len(payload))

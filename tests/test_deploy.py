@@ -23,7 +23,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ECHOD, DaemonFactory, alive, children, comm, echo_roundtrip, free_port, wait_for
+from conftest import (
+    ECHOD,
+    DaemonFactory,
+    alive,
+    children,
+    comm,
+    echo_roundtrip,
+    free_port,
+    kill_group,
+    start_haproxy,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -84,15 +95,6 @@ def proc_ids(pid: int) -> tuple[list[int], list[int]]:
 
 def log_of(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """Last-resort cleanup of a process started in its own session by this test."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
 
 
 def substitute(text: str, replacements: dict[str, str]) -> str:
@@ -451,11 +453,7 @@ def test_haproxy_balances_and_drops_a_stopped_instance(echod: DaemonFactory, tmp
     config_path = tmp_path / "haproxy.cfg"
     config_path.write_text(config)
     log_path = tmp_path / "haproxy.log"
-    with log_path.open("wb") as log:
-        proxy = subprocess.Popen(
-            ["haproxy", "-f", str(config_path), "-db"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proxy = start_haproxy(config_path, log_path)
     try:
 
         def state() -> dict[str, str]:

@@ -23,9 +23,11 @@ import pytest
 from conftest import (
     Daemon,
     DaemonFactory,
+    connect_small_buffers,
     echo_roundtrip,
     free_port,
     has_ipv6,
+    one_worker,
     open_fds,
     push_until_stuck,
     recv_exactly,
@@ -87,38 +89,12 @@ def assert_same_bytes(got: bytes | bytearray, expected: bytes, what: str = "echo
     )
 
 
-def one_worker(daemon: Daemon) -> int:
-    workers = wait_for(lambda: daemon.workers(), 10, "a worker process")
-    assert isinstance(workers, list) and len(workers) == 1, workers
-    return workers[0]
-
-
 def recv_or_reset(sock: socket.socket, size: int = 1) -> bytes:
     """recv(), reading a reset by the peer as the end of the stream."""
     try:
         return sock.recv(size)
     except ConnectionResetError:
         return b""
-
-
-def connect_small_buffers(
-    daemon: Daemon, buffers: int = 16 * KIB, timeout: float | None = None
-) -> socket.socket:
-    """A client with small, fixed kernel buffers (set before connecting); non-blocking unless `timeout`.
-
-    On loopback the kernel would otherwise autotune this client's buffers to megabytes and absorb much of
-    what it sends and of the unread echo, so echod would hardly ever need to hold any output itself.
-    """
-    host, port = daemon.listen[0].rsplit(":", 1)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
-    sock.settimeout(5)
-    sock.connect((host, int(port)))
-    sock.settimeout(timeout)
-    if timeout is None:
-        sock.setblocking(False)
-    return sock
 
 
 def sleep_until_fraction(fraction: float) -> None:

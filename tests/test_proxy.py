@@ -19,12 +19,10 @@ listener keys for one address).
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
@@ -42,7 +40,9 @@ from conftest import (
     echo_roundtrip,
     free_port,
     fuzz_settings,
+    kill_group,
     recv_exactly,
+    start_haproxy,
     wait_for,
     wait_metrics,
 )
@@ -625,21 +625,12 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[str], dict[str, int]]]:
         config = tmp_path / "haproxy.cfg"
         config.write_text(HAPROXY_CFG.format(v1_port=ports["v1"], v2_port=ports["v2"], echod=echod_address))
         log_path = tmp_path / "haproxy.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                ["haproxy", "-f", str(config), "-db"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        procs.append((proc, log_path))
+        procs.append((start_haproxy(config, log_path), log_path))
         return ports
 
     yield start
     for proc, log_path in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
+        kill_group(proc)
         print(log_path.read_text(errors="replace"))
 
 
@@ -650,7 +641,6 @@ def client_via(port: int, source: str = "127.0.0.2") -> socket.socket:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 def test_haproxy_send_proxy_v1_and_v2(echod: DaemonFactory, haproxy: Callable[[str], dict[str, int]]) -> None:
     daemon = proxied_daemon(echod)
     frontends = haproxy(daemon.listen[0])

@@ -35,6 +35,7 @@ from conftest import (
     alive,
     echo_roundtrip,
     free_port,
+    one_worker,
     open_fds,
     push_until_stuck,
     recv_exactly,
@@ -76,12 +77,6 @@ wait_metrics = functools.partial(conftest.wait_metrics, timeout=LIVENESS)
 
 def delta(now: dict[str, float], base: dict[str, float], name: str) -> float:
     return now.get(name, 0.0) - base.get(name, 0.0)
-
-
-def one_worker(daemon: Daemon) -> int:
-    workers = wait_for(lambda: daemon.workers(), LIVENESS, "a worker process")
-    assert isinstance(workers, list) and len(workers) == 1, workers
-    return workers[0]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -224,7 +219,7 @@ def test_thousand_slow_readers_stay_within_the_memory_bound(echod):
         "--max-buffered-bytes", str(budget),
         workers=1,
     )  # fmt: skip
-    worker = one_worker(daemon)
+    worker = one_worker(daemon, LIVENESS)
     with daemon.connect(timeout=LIVENESS) as warm:
         payload = os.urandom(256 * KIB)
         assert echo_roundtrip(warm, payload) == payload
@@ -303,7 +298,7 @@ def test_mass_reset_with_pending_output(echod):
     # Default watermarks (256 KiB high, 64 KiB low). Copy mode, for exact descriptor accounting: in
     # splice and auto mode a connection with pending output also holds a pipe (test_echo covers that).
     daemon = echod("--io-mode", "copy", workers=1)
-    worker = one_worker(daemon)
+    worker = one_worker(daemon, LIVENESS)
     bystander = daemon.connect(timeout=LIVENESS)
     assert echo_roundtrip(bystander, b"before") == b"before"
     base = wait_metrics(daemon, lambda m: m[ACTIVE] == 1, "the bystander to be counted")
@@ -429,7 +424,7 @@ def test_mass_half_close_with_pending_output(echod):
 def test_connect_and_vanish_leaks_nothing(echod):
     per_round, rounds = 150, 3
     daemon = echod(workers=1)
-    worker = one_worker(daemon)
+    worker = one_worker(daemon, LIVENESS)
     with daemon.connect(timeout=LIVENESS) as warm:
         assert echo_roundtrip(warm, b"warm") == b"warm"
     base = wait_metrics(daemon, lambda m: m[ACTIVE] == 0 and m[closed("client")] == 1, "warm-up closed")
@@ -525,7 +520,7 @@ def test_per_ip_limit_holds_after_a_reload(echod):
     try:
         for sock in local:
             assert echo_roundtrip(sock, b"before") == b"before"
-        old = one_worker(daemon)
+        old = one_worker(daemon, LIVENESS)
         daemon.send_signal(signal.SIGHUP)
         wait_metrics(daemon, lambda m: m[RELOAD_OK] == 1, "the reload to complete")
         wait_for(
@@ -608,7 +603,7 @@ def limited_echod(tmp_path: Path) -> Iterator[Callable[..., LimitedDaemon]]:
 def test_out_of_file_descriptors_sheds_without_spinning(limited_echod):
     nofile = 64
     daemon = limited_echod(nofile)
-    worker = one_worker(daemon)
+    worker = one_worker(daemon, LIVENESS)
     limits = Path(f"/proc/{worker}/limits").read_text()
     assert any(line.startswith("Max open files") and f" {nofile} " in line for line in limits.splitlines())
     capacity = nofile - open_fds(worker)
@@ -905,7 +900,7 @@ def test_splice_without_a_spare_pipe_buffers_in_memory(limited_echod):
     """Splice mode one descriptor short of a pipe: pending output goes to a memory buffer, nothing lost."""
     nofile = 48
     daemon = limited_echod(nofile, "--io-mode", "splice", "--log-level", "debug")
-    worker = one_worker(daemon)
+    worker = one_worker(daemon, LIVENESS)
     free = nofile - open_fds(worker)
     held = [daemon.connect(timeout=LIVENESS) for _ in range(free - 2)]
     try:

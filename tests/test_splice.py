@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, DaemonFactory, recv_exactly, wait_for, wait_metrics
+from conftest import DaemonFactory, connect_small_buffers, one_worker, recv_exactly, wait_for, wait_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -35,17 +35,11 @@ def pipes(pid: int) -> int:
     return count
 
 
-def worker(daemon: Daemon) -> int:
-    found = wait_for(lambda: daemon.workers(), 10, "a worker")
-    assert isinstance(found, list) and len(found) == 1, found
-    return found[0]
-
-
 def test_pending_output_lives_in_a_pipe_and_a_fast_stop_flushes_it(echod: DaemonFactory) -> None:
     daemon = echod("--io-mode", "splice", "--shutdown-timeout", "60", workers=1)
-    pid = worker(daemon)
+    pid = one_worker(daemon)
     idle_pipes = pipes(pid)
-    sock = small_buffer_client(daemon)
+    sock = connect_small_buffers(daemon, timeout=5)
     payload = os.urandom(32 << 20)
     sent = send_until_stuck(sock, payload)
     assert sent > 0  # all of it, maybe: echod's receive buffer autotunes up to net.ipv4.tcp_rmem's max
@@ -74,7 +68,7 @@ def test_reload_switches_io_mode_under_live_connections(echod: DaemonFactory, tm
     config = tmp_path / "mode.toml"
     config.write_text('io_mode = "copy"\n')
     daemon = echod("--config", str(config), workers=1)
-    copy_worker = worker(daemon)
+    copy_worker = one_worker(daemon)
     copy_pipes = pipes(copy_worker)
     socks = [daemon.connect(timeout=10) for _ in range(10)]
     try:
@@ -105,15 +99,6 @@ def test_reload_switches_io_mode_under_live_connections(echod: DaemonFactory, tm
             sock.close()
 
 
-def small_buffer_client(daemon: Daemon) -> socket.socket:
-    """A client whose own small receive buffer makes echod hold the output it does not read."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.settimeout(5)
-    sock.connect((daemon.host, daemon.port))
-    return sock
-
-
 def send_until_stuck(sock: socket.socket, payload: bytes) -> int:
     """Send without reading until the socket takes nothing for a second (or all is sent); returns the
     bytes sent."""
@@ -135,9 +120,9 @@ def send_until_stuck(sock: socket.socket, payload: bytes) -> int:
 
 def test_auto_mode_splices_large_reads_and_copies_small_ones(echod: DaemonFactory) -> None:
     daemon = echod("--io-mode", "auto", workers=1)
-    pid = worker(daemon)
+    pid = one_worker(daemon)
     idle_pipes = pipes(pid)
-    with small_buffer_client(daemon) as sock:
+    with connect_small_buffers(daemon, timeout=5) as sock:
         for size in (1, 64, 1000):  # small: copy mode, no pipe beyond the scratch one
             payload = os.urandom(size)
             sock.sendall(payload)

@@ -170,19 +170,18 @@ class Worker:
         self.signalled.append(signum)
 
     def _start_accepting(self) -> None:
+        # Our own UDP echo ports are never answered as sources (two echo servers would ping-pong).
+        udp_ports = frozenset(s.getsockname()[1] for s in self.listeners if s.type == socket.SOCK_DGRAM)
         for sock in self.listeners:
             fd = sock.fileno()
             self._grow(fd)
             if sock.type == socket.SOCK_DGRAM:
-                self.table[fd] = UdpEcho(sock, self.limiter, self.counts, self._udp_ports())
+                self.table[fd] = UdpEcho(sock, self.limiter, self.counts, udp_ports)
             else:
                 self.table[fd] = _Listener(sock, fd in self.proxied)
             # Exclusive: when workers share a socket (reload overlap, socket activation), one wakes.
             self.ep.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
         self.accepting = True
-
-    def _udp_ports(self) -> frozenset[int]:
-        return frozenset(s.getsockname()[1] for s in self.listeners if s.type == socket.SOCK_DGRAM)
 
     def _stop_accepting(self) -> None:
         for sock in self.listeners:
