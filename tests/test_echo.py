@@ -220,6 +220,57 @@ def test_500_concurrent_connections_random_chunks(echod):
     )
 
 
+# -- edge-triggered reads: what arrives while the worker is not looking -----------------------------------
+
+
+def queue_while_stopped(daemon: Daemon, sock: socket.socket, payload: bytes, fin: bool) -> bytes:
+    """Send what echod's receive queue takes while its worker is SIGSTOPped (then the FIN, if `fin`), so
+    that it all reaches the worker as one epoll event. Returns the part of `payload` that was sent."""
+    worker = one_worker(daemon)
+    sock.setblocking(False)
+    sent = 0
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while sent < len(payload):
+                sent += sock.send(payload[sent : sent + 65536])
+        if fin:
+            sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.2)  # let every segment (and the FIN) land in echod's receive queue
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    sock.settimeout(10)
+    return payload[:sent]
+
+
+@pytest.mark.parametrize("size", [100, 256 * KIB])
+def test_data_and_eof_reported_together_are_both_served(echod, size):
+    # Data and FIN that arrive together come as one edge-triggered event (EPOLLIN|EPOLLRDHUP), and the
+    # larger payload also takes many full 1 KiB reads with no new edge between them. A worker that waited
+    # for another edge would leave the echo or the EOF unserved until the idle timeout: the test hangs.
+    daemon = echod("--read-size", "1024", workers=1)
+    with connect_small_buffers(daemon, timeout=10) as sock:
+        assert echo_roundtrip(sock, b"registered") == b"registered"
+        payload = queue_while_stopped(daemon, sock, random.Random(size).randbytes(size), fin=True)
+        assert len(payload) >= min(size, 16 * KIB), f"only {len(payload)} bytes queued"
+        echoed = recv_exactly(sock, len(payload) + 1)  # stops early at EOF; one more byte would be extra
+        assert_same_bytes(echoed, payload, "echo of what came with the FIN")
+        assert sock.recv(16) == b"", "no EOF after the echo"
+    wait_metrics(daemon, lambda m: m[closed("client")] == 1 and m[ACTIVE] == 0, "the connection closed")
+
+
+def test_burst_of_many_reads_is_echoed_without_more_traffic(echod):
+    # A burst queued at once and nothing after it: every read but the last is full, and edge-triggered
+    # epoll says nothing more until the client sends again, which this client does not do.
+    daemon = echod("--read-size", "1024", workers=1)
+    with connect_small_buffers(daemon, timeout=10) as sock:
+        assert echo_roundtrip(sock, b"registered") == b"registered"
+        payload = queue_while_stopped(daemon, sock, random.Random(3).randbytes(256 * KIB), fin=False)
+        assert len(payload) >= 16 * KIB, f"only {len(payload)} bytes queued"
+        assert_same_bytes(recv_exactly(sock, len(payload)), payload, "echo of the burst")
+        assert echo_roundtrip(sock, b"still here") == b"still here"
+
+
 # -- half-close, reset, backpressure -------------------------------------------------------------------
 
 

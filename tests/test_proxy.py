@@ -41,6 +41,7 @@ from conftest import (
     free_port,
     fuzz_settings,
     kill_group,
+    one_worker,
     recv_exactly,
     start_haproxy,
     wait_for,
@@ -417,6 +418,26 @@ def test_header_is_stripped_and_what_follows_is_echoed(echod: DaemonFactory, io_
     metrics = wait_metrics(daemon, counted(client=len(cases), active=0), "every connection closed")
     assert metrics[RECEIVED] == received, metrics
     assert metrics[CLOSED_PROXY] == 0
+
+
+@pytest.mark.integration
+def test_header_data_and_eof_in_one_event(echod: DaemonFactory) -> None:
+    # Header, payload and FIN queued while the worker is stopped reach it as one edge-triggered event
+    # (EPOLLIN|EPOLLRDHUP): after the header read it must still see the EOF, or the connection hangs.
+    daemon = proxied_daemon(echod, workers=1)
+    worker = one_worker(daemon)
+    payload = b"after the header, then EOF\n"
+    with connect(daemon) as sock:
+        wait_metrics(daemon, counted(accepted=1), "the connection accepted")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            sock.sendall(header_v1(("192.0.2.9", 40009), ("127.0.0.1", daemon.port)) + payload)
+            sock.shutdown(socket.SHUT_WR)
+            time.sleep(0.2)  # let it all land in echod's receive queue
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert read_until_closed(sock) == payload
+    wait_metrics(daemon, counted(client=1, active=0), "the connection closed by the client's EOF")
 
 
 @pytest.mark.integration

@@ -20,12 +20,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import stats
 from .connection import Connection
-from .worker import EPOLLIN, EPOLLOUT, READING, Worker
+from .worker import EDGE, EPOLLIN, EPOLLOUT, READING, Worker
 
 log = logging.getLogger("echod.worker")
 
@@ -153,71 +154,86 @@ class SpliceWorker(Worker):
         self.scratch_r, self.scratch_w = self.pipes.get(sized=False)  # a small one still works
         return super().run()
 
-    def _serve(self, events: list[tuple[int, int]]) -> None:
-        splice, read, write = os.splice, os.read, os.write
-        table, last, spliced, size, tick = self.table, self.last, self.spliced, self.read_size, self.tick
-        slow, close, IN, bulk, small = self._event, self._close, EPOLLIN, self.bulk, self.small
-        received = sent = 0
-        for fd, ev in events:
-            state = table[fd]
-            if state is not None or ev != IN:
-                slow(fd, ev, state)
-            elif spliced[fd]:
-                sr, sw = self.scratch_r, self.scratch_w
-                try:
-                    k = splice(fd, sw, size, None, None, NONBLOCK)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    close(fd, "error", exc)
-                    continue
-                if not k:
-                    self._eof(fd, None)
-                    continue
-                last[fd] = tick
-                received += k
-                if k < small:
-                    spliced[fd] = False
-                try:
-                    n = splice(sr, fd, k, None, None, NONBLOCK)
-                except BlockingIOError:
-                    n = 0
-                except OSError as exc:
-                    self._discard_scratch(k)
-                    close(fd, "error", exc)
-                    continue
-                sent += n
-                if n != k:
-                    self._keep(fd, k - n)
-            else:  # auto mode, small messages: Worker._serve's copy path, inlined for its speed
-                try:
-                    data = read(fd, size)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    close(fd, "error", exc)
-                    continue
-                if not data:
-                    self._eof(fd, None)
-                    continue
-                last[fd] = tick
-                k = len(data)
-                received += k
-                if k >= bulk:
-                    spliced[fd] = True
-                try:
-                    n = write(fd, data)
-                except BlockingIOError:
-                    n = 0
-                except OSError as exc:
-                    close(fd, "error", exc)
-                    continue
-                sent += n
-                if n != k:
-                    self._buffer(fd, data, n)
-        counts = self.counts
-        counts[stats.RECEIVED_BYTES] += received
-        counts[stats.SENT_BYTES] += sent
+    def _reading(self, fd: int) -> int:
+        # A short splice does not prove the socket empty (the pipe may have run out of slots), so
+        # edge triggering's rule does not hold for spliced connections: they stay level-triggered.
+        return READING if self.spliced[fd] else EDGE
+
+    def _server(self) -> Callable[[list[tuple[int, int]], int], None]:
+        """Worker._server with a splice path; copy mode's path is inlined here too, for its speed."""
+        splice, read, write, modify = os.splice, os.read, os.write, self.ep.modify
+        table, last, spliced, size, counts = self.table, self.last, self.spliced, self.read_size, self.counts
+        slow, close, eof, buffer, keep = self._event, self._close, self._eof, self._buffer, self._keep
+        again, discard, bulk, small = self.again.append, self._discard_scratch, self.bulk, self.small
+        IN, RECEIVED, SENT = EPOLLIN, stats.RECEIVED_BYTES, stats.SENT_BYTES
+
+        def serve(events: list[tuple[int, int]], tick: int) -> None:
+            received = sent = 0
+            for fd, ev in events:
+                state = table[fd]
+                if state is not None or ev != IN:
+                    slow(fd, ev, state)
+                elif spliced[fd]:
+                    sr, sw = self.scratch_r, self.scratch_w  # replaced whenever a connection keeps one
+                    try:
+                        k = splice(fd, sw, size, None, None, NONBLOCK)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        close(fd, "error", exc)
+                        continue
+                    if not k:
+                        eof(fd, None)
+                        continue
+                    last[fd] = tick
+                    received += k
+                    if k < small:
+                        spliced[fd] = False
+                        modify(fd, EDGE)  # re-polls: whatever is left is reported as a fresh edge
+                    try:
+                        n = splice(sr, fd, k, None, None, NONBLOCK)
+                    except BlockingIOError:
+                        n = 0
+                    except OSError as exc:
+                        discard(k)
+                        close(fd, "error", exc)
+                        continue
+                    sent += n
+                    if n != k:
+                        keep(fd, k - n)
+                else:  # auto mode, small messages: Worker's copy path
+                    try:
+                        data = read(fd, size)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        close(fd, "error", exc)
+                        continue
+                    if not data:
+                        eof(fd, None)
+                        continue
+                    last[fd] = tick
+                    k = len(data)
+                    received += k
+                    if k >= bulk:
+                        spliced[fd] = True
+                        modify(fd, READING)  # level-triggered from now on: reports what is left
+                    elif k == size:  # there may be more, and no new edge will say so
+                        again(fd)
+                    try:
+                        n = write(fd, data)
+                    except BlockingIOError:
+                        n = 0
+                    except OSError as exc:
+                        close(fd, "error", exc)
+                        continue
+                    sent += n
+                    if n != k:
+                        buffer(fd, data, n)
+            counts[RECEIVED] += received
+            counts[SENT] += sent
+
+        return serve
 
     def _grow(self, fd: int) -> None:
         super()._grow(fd)
@@ -225,8 +241,9 @@ class SpliceWorker(Worker):
             self.spliced.extend([self.splice_first] * (len(self.table) - len(self.spliced)))
 
     def _adopt(self, fd: int) -> None:
+        self._grow(fd)
+        self.spliced[fd] = self.splice_first  # before registering: it picks the epoll mask
         super()._adopt(fd)
-        self.spliced[fd] = self.splice_first
 
     def _discard_scratch(self, pending: int) -> None:
         Piped(self.scratch_r, self.scratch_w, pending).take()
@@ -244,11 +261,11 @@ class SpliceWorker(Worker):
         self.buffered += pending
         self.counts[stats.PARTIAL_WRITES] += 1
         if not self._maybe_pause(fd, conn):
-            self.ep.modify(fd, READING | EPOLLOUT)
+            self.ep.modify(fd, self._reading(fd) | EPOLLOUT)
 
     def _read(self, fd: int, conn: Connection | None) -> None:
         if conn is None:
-            self._serve([(fd, EPOLLIN)])  # readable with RDHUP/HUP: the plain path sees the EOF
+            self.serve([(fd, EPOLLIN)], self.tick)  # readable with RDHUP/HUP: the plain path sees the EOF
         elif conn.__class__ is not Piped:
             super()._read(fd, conn)  # a byte buffer (after a PROXY header, or no pipe to be had)
         elif not (conn.paused or conn.eof):
