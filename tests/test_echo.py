@@ -220,7 +220,7 @@ def test_500_concurrent_connections_random_chunks(echod):
     )
 
 
-# -- edge-triggered reads: what arrives while the worker is not looking -----------------------------------
+# -- what arrives while the worker is not looking: one epoll event for many reads -----------------------
 
 
 def queue_while_stopped(daemon: Daemon, sock: socket.socket, payload: bytes, fin: bool) -> bytes:
@@ -245,9 +245,10 @@ def queue_while_stopped(daemon: Daemon, sock: socket.socket, payload: bytes, fin
 
 @pytest.mark.parametrize("size", [100, 256 * KIB])
 def test_data_and_eof_reported_together_are_both_served(echod, size):
-    # Data and FIN that arrive together come as one edge-triggered event (EPOLLIN|EPOLLRDHUP), and the
-    # larger payload also takes many full 1 KiB reads with no new edge between them. A worker that waited
-    # for another edge would leave the echo or the EOF unserved until the idle timeout: the test hangs.
+    # Data and FIN that arrive together come as one event (EPOLLIN|EPOLLRDHUP), and the larger payload
+    # also takes many full 1 KiB reads with nothing new arriving between them. A loop that waited for
+    # more news (edge triggering without care) would leave the echo or the EOF unserved until the idle
+    # timeout: the test hangs.
     daemon = echod("--read-size", "1024", workers=1)
     with connect_small_buffers(daemon, timeout=10) as sock:
         assert echo_roundtrip(sock, b"registered") == b"registered"
@@ -259,9 +260,34 @@ def test_data_and_eof_reported_together_are_both_served(echod, size):
     wait_metrics(daemon, lambda m: m[closed("client")] == 1 and m[ACTIVE] == 0, "the connection closed")
 
 
+def test_data_behind_urgent_byte_is_echoed(echod):
+    # TCP's recvmsg stops at the urgent mark, so a read that comes back short has not emptied the socket
+    # when urgent data is pending; epoll reports that with EPOLLPRI. Without SO_OOBINLINE the urgent
+    # byte itself is not part of the stream that echod reads (nor echoes).
+    # splice(2) never steps over the mark: in splice mode (and auto, once 64 KiB reads moved the
+    # connection to splice) echod must read past it instead of spinning on a socket it cannot splice.
+    daemon = echod(workers=1)
+    worker = one_worker(daemon)
+    bulk = random.Random(5).randbytes(64 * KIB)
+    with daemon.connect(timeout=10) as sock:
+        assert echo_roundtrip(sock, b"registered") == b"registered"
+        sock.sendall(bulk)
+        assert_same_bytes(recv_exactly(sock, len(bulk)), bulk, "bulk echo")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            sock.sendall(bulk[: 8 * KIB])  # large enough for auto mode to stay in splice mode
+            sock.send(b"!", socket.MSG_OOB)
+            sock.sendall(b"def")
+            time.sleep(0.2)  # let all three land in echod's receive queue
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert_same_bytes(recv_exactly(sock, 8 * KIB + 3), bulk[: 8 * KIB] + b"def", "echo around the mark")
+        assert echo_roundtrip(sock, b"still here") == b"still here"
+
+
 def test_burst_of_many_reads_is_echoed_without_more_traffic(echod):
     # A burst queued at once and nothing after it: every read but the last is full, and edge-triggered
-    # epoll says nothing more until the client sends again, which this client does not do.
+    # epoll would say nothing more until the client sends again, which this client does not do.
     daemon = echod("--read-size", "1024", workers=1)
     with connect_small_buffers(daemon, timeout=10) as sock:
         assert echo_roundtrip(sock, b"registered") == b"registered"

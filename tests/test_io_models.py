@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DaemonFactory, one_worker
 
 IO = Path(__file__).resolve().parent.parent / "bench" / "io_models"
 MODELS = ["threads", "select", "poll", "epoll_lt", "epoll_et"]
@@ -203,21 +204,26 @@ def test_fd_setsize_is_glibcs_fd_set_not_a_kernel_limit(many_fds: None) -> None:
     assert probe["returned"] == 1 and probe["reported_ready"], probe
 
 
+def flood_and_ping(port: int, cpu: int, what: str) -> dict[str, Any]:
+    """bench/io_models/starvation.py against a server: pings answered while another connection floods."""
+    client = [sys.executable, str(IO / "starvation.py"), "--port", str(port), "--cpu", str(cpu)]
+    out = subprocess.run(
+        [*client, "--flood-s", "1.0", "--ping-after", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result.get("error"), result
+    assert result["echoed_all"], f"{what}: the flood was not echoed in full: {result}"
+    return result
+
+
 def starve(tmp_path: Path, model: str, *extra: str) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     with model_server(tmp_path, model, "--read-size", "128", "--cpu", str(cpus[-1]), *extra) as srv:
-        client = [sys.executable, str(IO / "starvation.py"), "--port", str(srv.port), "--cpu", str(cpus[0])]
-        out = subprocess.run(
-            [*client, "--flood-s", "1.0", "--ping-after", "0.2"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not result.get("error"), result
-    assert result["echoed_all"], f"{model} {extra}: the flood was not echoed in full: {result}"
-    return result
+        return flood_and_ping(srv.port, cpus[0], f"{model} {extra}")
 
 
 def test_edge_triggered_read_until_eagain_starves_other_connections(tmp_path: Path) -> None:
@@ -233,3 +239,17 @@ def test_edge_triggered_read_until_eagain_starves_other_connections(tmp_path: Pa
         assert fair["pings_during_flood"] >= 20, fair
     assert et["max_ping_ms"] >= 200, et
     assert et["max_ping_ms"] > 2 * max(lt["max_ping_ms"], rr["max_ping_ms"]), (et, lt, rr)
+
+
+@pytest.mark.integration
+def test_echod_serves_a_pinger_through_a_flood(echod: DaemonFactory) -> None:
+    # echod reads a ready connection once per loop turn: like the fair models above, and unlike reading
+    # until EAGAIN, a flood costs another connection one turn, not the flood's length.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs: the flooder must out-run the server, pinned apart")
+    daemon = echod("--read-size", "512", workers=1)  # echod's smallest read: the easiest to out-run
+    os.sched_setaffinity(one_worker(daemon), {cpus[-1]})
+    fair = flood_and_ping(daemon.port, cpus[0], "echod")
+    assert fair["max_ping_ms"] < 150, fair
+    assert fair["pings_during_flood"] >= 20, fair

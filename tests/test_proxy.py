@@ -422,7 +422,7 @@ def test_header_is_stripped_and_what_follows_is_echoed(echod: DaemonFactory, io_
 
 @pytest.mark.integration
 def test_header_data_and_eof_in_one_event(echod: DaemonFactory) -> None:
-    # Header, payload and FIN queued while the worker is stopped reach it as one edge-triggered event
+    # Header, payload and FIN queued while the worker is stopped reach it as one epoll event
     # (EPOLLIN|EPOLLRDHUP): after the header read it must still see the EOF, or the connection hangs.
     daemon = proxied_daemon(echod, workers=1)
     worker = one_worker(daemon)

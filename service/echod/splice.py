@@ -26,7 +26,7 @@ from typing import Any
 
 from . import stats
 from .connection import Connection
-from .worker import EDGE, EPOLLIN, EPOLLOUT, READING, Worker
+from .worker import EPOLLIN, EPOLLOUT, READING, Worker
 
 log = logging.getLogger("echod.worker")
 
@@ -154,17 +154,12 @@ class SpliceWorker(Worker):
         self.scratch_r, self.scratch_w = self.pipes.get(sized=False)  # a small one still works
         return super().run()
 
-    def _reading(self, fd: int) -> int:
-        # A short splice does not prove the socket empty (the pipe may have run out of slots), so
-        # edge triggering's rule does not hold for spliced connections: they stay level-triggered.
-        return READING if self.spliced[fd] else EDGE
-
     def _server(self) -> Callable[[list[tuple[int, int]], int], None]:
         """Worker._server with a splice path; copy mode's path is inlined here too, for its speed."""
-        splice, read, write, modify = os.splice, os.read, os.write, self.ep.modify
+        splice, read, write = os.splice, os.read, os.write
         table, last, spliced, size, counts = self.table, self.last, self.spliced, self.read_size, self.counts
         slow, close, eof, buffer, keep = self._event, self._close, self._eof, self._buffer, self._keep
-        again, discard, bulk, small = self.again.append, self._discard_scratch, self.bulk, self.small
+        discard, step_over, bulk, small = self._discard_scratch, self._step_over, self.bulk, self.small
         IN, RECEIVED, SENT = EPOLLIN, stats.RECEIVED_BYTES, stats.SENT_BYTES
 
         def serve(events: list[tuple[int, int]], tick: int) -> None:
@@ -178,6 +173,7 @@ class SpliceWorker(Worker):
                     try:
                         k = splice(fd, sw, size, None, None, NONBLOCK)
                     except BlockingIOError:
+                        step_over(fd)
                         continue
                     except OSError as exc:
                         close(fd, "error", exc)
@@ -189,7 +185,6 @@ class SpliceWorker(Worker):
                     received += k
                     if k < small:
                         spliced[fd] = False
-                        modify(fd, EDGE)  # re-polls: whatever is left is reported as a fresh edge
                     try:
                         n = splice(sr, fd, k, None, None, NONBLOCK)
                     except BlockingIOError:
@@ -217,9 +212,6 @@ class SpliceWorker(Worker):
                     received += k
                     if k >= bulk:
                         spliced[fd] = True
-                        modify(fd, READING)  # level-triggered from now on: reports what is left
-                    elif k == size:  # there may be more, and no new edge will say so
-                        again(fd)
                     try:
                         n = write(fd, data)
                     except BlockingIOError:
@@ -235,15 +227,20 @@ class SpliceWorker(Worker):
 
         return serve
 
+    def _step_over(self, fd: int) -> None:
+        """Reported readable, yet splice moved nothing: splice stops at TCP's urgent mark (MSG_OOB) for
+        good, and only a read steps over it, so read once the copy way (or level-triggered epoll would
+        report this socket, and splice refuse it, on every turn: a worker spinning on one byte)."""
+        Worker._read(self, fd, None)
+
     def _grow(self, fd: int) -> None:
         super()._grow(fd)
         if len(self.spliced) < len(self.table):
             self.spliced.extend([self.splice_first] * (len(self.table) - len(self.spliced)))
 
     def _adopt(self, fd: int) -> None:
-        self._grow(fd)
-        self.spliced[fd] = self.splice_first  # before registering: it picks the epoll mask
         super()._adopt(fd)
+        self.spliced[fd] = self.splice_first
 
     def _discard_scratch(self, pending: int) -> None:
         Piped(self.scratch_r, self.scratch_w, pending).take()
@@ -261,7 +258,7 @@ class SpliceWorker(Worker):
         self.buffered += pending
         self.counts[stats.PARTIAL_WRITES] += 1
         if not self._maybe_pause(fd, conn):
-            self.ep.modify(fd, self._reading(fd) | EPOLLOUT)
+            self.ep.modify(fd, READING | EPOLLOUT)
 
     def _read(self, fd: int, conn: Connection | None) -> None:
         if conn is None:

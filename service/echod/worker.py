@@ -1,20 +1,14 @@
-"""A worker process: one `select.epoll` loop serving its slot's listening sockets.
+"""A worker process: one level-triggered `select.epoll` loop serving its slot's listening sockets.
 
 Hot-path design (see bench/README.md for the measurements behind it):
 - Connections are bare file descriptors read and written with `os.read`/`os.write`: no socket object,
   no per-connection object while the echo goes out whole. `table[fd]` is None for such a connection,
   a `Connection` while it has state (pending output, paused, half-closed), a `_Listener` for a
   listening socket and `_CLOSED` otherwise, so one list lookup both finds the state and routes the event.
-- Connections are edge-triggered (EPOLLET), one `read` per ready connection per loop turn. A level-
-  triggered item costs the kernel a second poll of the socket on the next `epoll_wait` after every event;
-  edge-triggered ones do not (about 8 % of the CPU per small message here). The price is the rule that
-  makes edge triggering safe, nginx's: a read shorter than asked for emptied the socket (TCP's recvmsg
-  returns short only when its queue is empty, and anything arriving later is a new edge). A full read, or
-  one that came with EPOLLRDHUP (the EOF behind the data is reported only once), puts the fd on the
-  `again` list, read on the next turn like any ready fd: a fast client still cannot starve the others,
-  and the steady state needs no extra read to reach EAGAIN and no `epoll_ctl`. Every `epoll_ctl` that
-  re-enables reading re-polls the socket, so pausing and resuming cannot lose an edge. Listeners and
-  states that are not on the hot path (stopping, spliced connections) stay level-triggered.
+- Level-triggered, one `read` per ready connection per loop turn: a fast client cannot starve the
+  others, and the steady state needs no extra read to reach EAGAIN and no `epoll_ctl`.
+  Edge triggering was tried and reverted (docs/io-models.md): no gain measurable in echod, and the
+  short-read rule it needs has exceptions (the EOF behind data, an urgent mark) that each stall a client.
 - EPOLLOUT is registered only while output is pending.
 - Counters are plain ints; the hot loop keeps bytes in locals and everything is published to the
   shared-memory row once a second. Idle tracking is one list store per read (`last[fd] = tick`).
@@ -44,7 +38,6 @@ log = logging.getLogger("echod.worker")
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
 READING = EPOLLIN | EPOLLRDHUP
-EDGE = READING | select.EPOLLET  # a connection in the hot path (see the module docstring)
 ACCEPT_BATCH = 64  # connections accepted per listener per loop turn
 MAX_EVENTS = 1024
 FLUSH_GRACE = 3.0  # seconds a stop spends flushing what was read before closing anyway
@@ -106,9 +99,6 @@ class Closing(Connection):
         self.shut = False
 
 
-_CONNECTED = (Connection, AwaitingHeader)  # with None: the states of a connection's fd
-
-
 def _sock_for(fd: int) -> socket.socket:
     # A borrowed socket object for the rare calls os lacks (shutdown); detach() before it is dropped.
     return socket.socket(fileno=fd)
@@ -144,7 +134,6 @@ class Worker:
         self.reported = [0] * stats.COUNTERS  # counts already logged by _report
         self.open = 0
         self.buffered = 0
-        self.again: list[int] = []  # edge-triggered fds that may still be readable: read next turn
         self.table: list[Any] = [_CLOSED] * 1024
         self.last: list[int] = [0] * 1024
         self.tick = int(time.monotonic())
@@ -220,16 +209,11 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
-        poll, monotonic, readable = self.ep.poll, time.monotonic, self._readable
+        poll, monotonic = self.ep.poll, time.monotonic
         serve = self.serve = self._server()
-        again = self.again
         now = monotonic()
         while True:
-            if again:  # those are ready already: look for others, but do not wait
-                ready = readable(again)
-                events = poll(0, MAX_EVENTS) + ready
-            else:
-                events = poll(max(0.0, self.next_housekeeping - now), MAX_EVENTS)
+            events = poll(max(0.0, self.next_housekeeping - now), MAX_EVENTS)
             now = monotonic()
             self.tick = tick = int(now)
             serve(events, tick)
@@ -240,15 +224,15 @@ class Worker:
     def _server(self) -> Callable[[list[tuple[int, int]], int], None]:
         """Build `serve(events, tick)`, which handles one loop turn's events.
 
-        Everything the per-event path touches is bound here once, as a closure cell: LOAD_DEREF instead
-        of attribute and global lookups per event, and no set-up per turn either (a loop turn carries
-        about three events under load, and building these locals took a third of its Python time).
-        `table`, `last`, `again` and `counts` are only ever changed in place for this reason.
+        Everything the per-event path touches is bound here once, as a closure cell: no attribute or
+        global lookups per event, and no set-up per turn either (a loop turn carries about three events
+        under load, and building these locals on every turn cost 470 ns of it; now 180 ns).
+        `table`, `last` and `counts` are only ever changed in place for this reason.
         """
         read, write, table, last, size, counts = (
             os.read, os.write, self.table, self.last, self.read_size, self.counts
         )  # fmt: skip
-        slow, close, eof, buffer, again = self._event, self._close, self._eof, self._buffer, self.again.append
+        slow, close, eof, buffer = self._event, self._close, self._eof, self._buffer
         IN, RECEIVED, SENT = EPOLLIN, stats.RECEIVED_BYTES, stats.SENT_BYTES
 
         def serve(events: list[tuple[int, int]], tick: int) -> None:
@@ -270,8 +254,6 @@ class Worker:
                     last[fd] = tick
                     k = len(data)
                     received += k
-                    if k == size:  # there may be more, and no new edge will say so
-                        again(fd)
                     try:
                         n = write(fd, data)
                     except BlockingIOError:
@@ -312,8 +294,6 @@ class Worker:
         if ev & EPOLLERR:
             self._fail(fd)
             return
-        if ev & (EPOLLRDHUP | EPOLLHUP):  # edge-triggered: the EOF behind this data is reported once
-            self.again.append(fd)
         if state.__class__ is AwaitingHeader:
             self._read_header(fd, state)
             return
@@ -325,30 +305,16 @@ class Worker:
         if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
             self._read(fd, state)
 
-    def _readable(self, fds: list[int]) -> list[tuple[int, int]]:
-        """Empty the `again` list into events, skipping fds closed (and perhaps reused) since."""
-        table = self.table
-        events = [(fd, EPOLLIN) for fd in fds if table[fd] is None or isinstance(table[fd], _CONNECTED)]
-        fds.clear()
-        return events
-
-    def _reading(self, fd: int) -> int:
-        """The epoll mask of a connection that reads (SpliceWorker keeps spliced ones level-triggered)."""
-        return EDGE
-
     # -- connection events ----------------------------------------------------------------------
     def _recv(self, fd: int) -> bytes | None:
         """One read; None if nothing came (would block) or the connection failed and is closed."""
         try:
-            data = os.read(fd, self.read_size)
+            return os.read(fd, self.read_size)
         except BlockingIOError:
             return None
         except OSError as exc:
             self._close(fd, "error", exc)
             return None
-        if len(data) == self.read_size:
-            self.again.append(fd)
-        return data
 
     def _read(self, fd: int, conn: Connection | None) -> None:
         if conn is not None and (conn.paused or conn.eof):
@@ -390,7 +356,7 @@ class Worker:
         self.buffered += len(conn)
         self.counts[stats.PARTIAL_WRITES] += 1
         if not self._maybe_pause(fd, conn):
-            self.ep.modify(fd, self._reading(fd) | EPOLLOUT)
+            self.ep.modify(fd, READING | EPOLLOUT)
 
     def _over_budget(self) -> bool:
         return 0 < self.budget < self.buffered
@@ -419,7 +385,7 @@ class Worker:
             handing_over = self.outbox is not None
             if self.marks.should_resume(conn) and not (conn.eof or handing_over or self._over_budget()):
                 conn.paused = False
-                self.ep.modify(fd, self._reading(fd) | EPOLLOUT)
+                self.ep.modify(fd, READING | EPOLLOUT)
         elif conn.__class__ is Closing:
             self._shut(fd, conn)
         elif conn.eof:
@@ -429,7 +395,7 @@ class Worker:
             self._send_over([fd])
         else:
             self.table[fd] = None
-            self.ep.modify(fd, self._reading(fd))
+            self.ep.modify(fd, READING)
 
     def _eof(self, fd: int, conn: Connection | None) -> None:
         """The client half-closed: send back everything read, then close our side."""
@@ -751,7 +717,7 @@ class Worker:
             self.outbox.close()  # type: ignore[union-attr]
             self.outbox, self.outbox_pid = None, 0
             for fd in fds[sent:]:
-                self.ep.register(fd, self._reading(fd))
+                self.ep.register(fd, READING)
             fds = fds[:sent]  # those are the successor's already
         for fd in fds:
             self.table[fd] = _CLOSED
@@ -786,7 +752,7 @@ class Worker:
         self._grow(fd)
         self.table[fd] = None
         self.last[fd] = self.tick
-        self.ep.register(fd, self._reading(fd))
+        self.ep.register(fd, READING)
         if self.wheel is not None:
             self.wheel.add(fd, self.tick)
         self.open += 1
