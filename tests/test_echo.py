@@ -261,9 +261,9 @@ def test_data_and_eof_reported_together_are_both_served(echod, size):
 
 
 def test_data_behind_urgent_byte_is_echoed(echod):
-    # TCP's recvmsg stops at the urgent mark, so a read that comes back short has not emptied the socket
-    # when urgent data is pending; epoll reports that with EPOLLPRI. Without SO_OOBINLINE the urgent
-    # byte itself is not part of the stream that echod reads (nor echoes).
+    # TCP's recvmsg stops at the urgent mark, so a short read has not emptied the socket when urgent data
+    # is pending (a loop that took it for "empty", edge triggering's rule, would stall what follows).
+    # Without SO_OOBINLINE the urgent byte itself is not part of the stream echod reads, nor echoes.
     # splice(2) never steps over the mark: in splice mode (and auto, once 64 KiB reads moved the
     # connection to splice) echod must read past it instead of spinning on a socket it cannot splice.
     daemon = echod(workers=1)
