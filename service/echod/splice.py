@@ -147,100 +147,64 @@ class SpliceWorker(Worker):
         self.bulk = BULK if auto else 0
         self.small = SMALL if auto else 0
         self.splice_first = not auto
-        self.spliced: list[bool] = [self.splice_first] * len(self.table)  # fd -> in splice mode now
+        self.spliced[:] = [self.splice_first] * len(self.table)
 
     def run(self) -> int:
         self.pipes = PipePool(self.settings.write_buffer_high)
         self.scratch_r, self.scratch_w = self.pipes.get(sized=False)  # a small one still works
         return super().run()
 
-    def _server(self) -> Callable[[list[tuple[int, int]], int], None]:
-        """Worker._server with a splice path; copy mode's path is inlined here too, for its speed."""
-        splice, read, write = os.splice, os.read, os.write
-        table, last, spliced, size, counts = self.table, self.last, self.spliced, self.read_size, self.counts
-        slow, close, eof, buffer, keep = self._event, self._close, self._eof, self._buffer, self._keep
-        discard, step_over, bulk, small = self._discard_scratch, self._step_over, self.bulk, self.small
-        IN, RECEIVED, SENT = EPOLLIN, stats.RECEIVED_BYTES, stats.SENT_BYTES
+    def _splicer(self) -> Callable[[int, int], None]:
+        """Build `splice(fd, tick)`: socket -> scratch pipe -> socket, for one ready connection.
 
-        def serve(events: list[tuple[int, int]], tick: int) -> None:
-            received = sent = 0
-            for fd, ev in events:
-                state = table[fd]
-                if state is not None or ev != IN:
-                    slow(fd, ev, state)
-                elif spliced[fd]:
-                    sr, sw = self.scratch_r, self.scratch_w  # replaced whenever a connection keeps one
-                    try:
-                        k = splice(fd, sw, size, None, None, NONBLOCK)
-                    except BlockingIOError:
-                        step_over(fd)
-                        continue
-                    except OSError as exc:
-                        close(fd, "error", exc)
-                        continue
-                    if not k:
-                        eof(fd, None)
-                        continue
-                    last[fd] = tick
-                    received += k
-                    if k < small:
-                        spliced[fd] = False
-                    try:
-                        n = splice(sr, fd, k, None, None, NONBLOCK)
-                    except BlockingIOError:
-                        n = 0
-                    except OSError as exc:
-                        discard(k)
-                        close(fd, "error", exc)
-                        continue
-                    sent += n
-                    if n != k:
-                        keep(fd, k - n)
-                else:  # auto mode, small messages: Worker's copy path
-                    try:
-                        data = read(fd, size)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        close(fd, "error", exc)
-                        continue
-                    if not data:
-                        eof(fd, None)
-                        continue
-                    last[fd] = tick
-                    k = len(data)
-                    received += k
-                    if k >= bulk:
-                        spliced[fd] = True
-                    try:
-                        n = write(fd, data)
-                    except BlockingIOError:
-                        n = 0
-                    except OSError as exc:
-                        close(fd, "error", exc)
-                        continue
-                    sent += n
-                    if n != k:
-                        buffer(fd, data, n)
-            counts[RECEIVED] += received
-            counts[SENT] += sent
+        A closure for the same reason as Worker._server: it runs once per spliced read.
+        """
+        move, last, spliced, size, counts = os.splice, self.last, self.spliced, self.read_size, self.counts
+        close, eof, keep, discard, step_over = (
+            self._close,
+            self._eof,
+            self._keep,
+            self._discard_scratch,
+            self._step_over,
+        )
+        small, RECEIVED, SENT = self.small, stats.RECEIVED_BYTES, stats.SENT_BYTES
 
-        return serve
+        def splice(fd: int, tick: int) -> None:
+            scratch_r, scratch_w = self.scratch_r, self.scratch_w  # replaced whenever a connection keeps one
+            try:
+                k = move(fd, scratch_w, size, None, None, NONBLOCK)
+            except BlockingIOError:
+                step_over(fd)
+                return
+            except OSError as exc:
+                close(fd, "error", exc)
+                return
+            if not k:
+                eof(fd, None)
+                return
+            last[fd] = tick
+            counts[RECEIVED] += k
+            if k < small:
+                spliced[fd] = False
+            try:
+                n = move(scratch_r, fd, k, None, None, NONBLOCK)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                discard(k)
+                close(fd, "error", exc)
+                return
+            counts[SENT] += n
+            if n != k:
+                keep(fd, k - n)
+
+        return splice
 
     def _step_over(self, fd: int) -> None:
         """Reported readable, yet splice moved nothing: splice stops at TCP's urgent mark (MSG_OOB) for
         good, and only a read steps over it, so read once the copy way (or level-triggered epoll would
         report this socket, and splice refuse it, on every turn: a worker spinning on one byte)."""
         Worker._read(self, fd, None)
-
-    def _grow(self, fd: int) -> None:
-        super()._grow(fd)
-        if len(self.spliced) < len(self.table):
-            self.spliced.extend([self.splice_first] * (len(self.table) - len(self.spliced)))
-
-    def _adopt(self, fd: int) -> None:
-        super()._adopt(fd)
-        self.spliced[fd] = self.splice_first
 
     def _discard_scratch(self, pending: int) -> None:
         Piped(self.scratch_r, self.scratch_w, pending).take()

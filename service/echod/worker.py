@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -136,6 +137,11 @@ class Worker:
         self.buffered = 0
         self.table: list[Any] = [_CLOSED] * 1024
         self.last: list[int] = [0] * 1024
+        # Splice (SpliceWorker): fd -> echoed through a pipe now; a read of `bulk` bytes moves a
+        # connection there, and new connections start there with `splice_first`. Never, in copy mode.
+        self.bulk = sys.maxsize
+        self.splice_first = False
+        self.spliced: list[bool] = [False] * 1024
         self.tick = int(time.monotonic())
         self.wheel: IdleWheel | None = None
         if settings.idle_timeout > 0:
@@ -227,12 +233,13 @@ class Worker:
         Everything the per-event path touches is bound here once, as a closure cell: no attribute or
         global lookups per event, and no set-up per turn either (a loop turn carries about three events
         under load, and building these locals on every turn cost 470 ns of it; now 180 ns).
-        `table`, `last` and `counts` are only ever changed in place for this reason.
+        `table`, `last`, `spliced` and `counts` are only ever changed in place for this reason.
         """
         read, write, table, last, size, counts = (
             os.read, os.write, self.table, self.last, self.read_size, self.counts
         )  # fmt: skip
-        slow, close, eof, buffer = self._event, self._close, self._eof, self._buffer
+        slow, close, eof, buffer, splice = self._event, self._close, self._eof, self._buffer, self._splicer()
+        spliced, bulk = self.spliced, self.bulk
         IN, RECEIVED, SENT = EPOLLIN, stats.RECEIVED_BYTES, stats.SENT_BYTES
 
         def serve(events: list[tuple[int, int]], tick: int) -> None:
@@ -241,6 +248,9 @@ class Worker:
             for fd, ev in events:
                 state = table[fd]
                 if state is None and ev == IN:
+                    if spliced[fd]:
+                        splice(fd, tick)
+                        continue
                     try:
                         data = read(fd, size)
                     except BlockingIOError:
@@ -254,6 +264,8 @@ class Worker:
                     last[fd] = tick
                     k = len(data)
                     received += k
+                    if k >= bulk:
+                        spliced[fd] = True
                     try:
                         n = write(fd, data)
                     except BlockingIOError:
@@ -270,6 +282,15 @@ class Worker:
             counts[SENT] += sent
 
         return serve
+
+    def _splicer(self) -> Callable[[int, int], None]:
+        """Build `splice(fd, tick)`, the echo of a spliced connection: SpliceWorker's; none here, where
+        no connection is ever spliced."""
+
+        def splice(fd: int, tick: int) -> None:
+            raise NotImplementedError("copy mode never splices")
+
+        return splice
 
     def _event(self, fd: int, ev: int, state: Any) -> None:
         if state is _CLOSED:
@@ -571,6 +592,7 @@ class Worker:
             extra = max(fd + 1, 2 * len(self.table)) - len(self.table)
             self.table.extend([_CLOSED] * extra)
             self.last.extend([0] * extra)
+            self.spliced.extend([self.splice_first] * extra)
 
     # -- once a second ----------------------------------------------------------------------------
     def _housekeeping(self, now: float) -> bool:
@@ -752,6 +774,7 @@ class Worker:
         self._grow(fd)
         self.table[fd] = None
         self.last[fd] = self.tick
+        self.spliced[fd] = self.splice_first
         self.ep.register(fd, READING)
         if self.wheel is not None:
             self.wheel.add(fd, self.tick)
