@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -522,6 +523,50 @@ def test_logrotate_rotation_makes_the_daemon_reopen_its_log(ctl: Ctl, tmp_path: 
     stop = ctl.ctl("stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert "echod stopped" in log_of(ctl.log)
+
+
+@root_only
+def test_logrotate_and_reload_work_after_dropping_privileges(ctl: Ctl, tmp_path: Path) -> None:
+    """The log file is opened as root, then the master becomes nobody: the file must be nobody's, or
+    the first rotation's SIGUSR1 (and every reload, which checks the file) fails for lack of access."""
+    logdir = Path(tempfile.mkdtemp(prefix="echod-test-log-"))  # tmp_path's parents are root's 0700
+    try:
+        logdir.chmod(0o755)  # root's, like /var/log/echod
+        ctl.log = logdir / "echod.log"
+        readable = logdir / "echod.toml"  # a reload re-reads it as nobody, like /etc/echod/echod.toml
+        readable.write_text("")
+        readable.chmod(0o644)
+        ctl.env["ECHOD_CONFIG"] = str(readable)
+        port = free_port()
+        started = ctl.start(port, "--daemon-user", "nobody", "--daemon-group", "nogroup")
+        assert started.returncode == 0, started.stderr + log_of(ctl.log)
+        assert ctl.log.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+        reload = ctl.ctl("reload")
+        assert reload.returncode == 0, reload.stdout + reload.stderr
+        wait_for(
+            lambda: "reload complete" in log_of(ctl.log) or "reload failed" in log_of(ctl.log),
+            LIVENESS,
+            "the reload to end",
+        )
+        assert "reload complete" in log_of(ctl.log), log_of(ctl.log)
+        config = tmp_path / "logrotate.conf"
+        config.write_text(
+            substitute(
+                (DEPLOY / "logrotate" / "echod").read_text(),
+                {"/var/log/echod/": f"{logdir}/", "/run/echod/echod.pid": str(ctl.pidfile)},
+            )
+        )
+        config.chmod(0o644)
+        result = run(["logrotate", "--force", "--state", str(tmp_path / "logrotate.state"), str(config)])
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_for(lambda: "log file reopened" in log_of(ctl.log), LIVENESS, "the daemon to reopen its log")
+        assert "cannot reopen" not in log_of(logdir / "echod.log.1")
+        assert alive(ctl.pid())
+        assert_echo(port)
+        stop = ctl.ctl("stop")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
 
 
 # -- Kubernetes and the container image -------------------------------------------------------

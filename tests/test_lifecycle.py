@@ -454,6 +454,29 @@ def test_sigusr1_reopens_log_file(echod, tmp_path):
         assert line not in old_text, f"{line!r} went to the rotated file"
 
 
+def test_sigusr1_keeps_serving_when_the_log_file_cannot_be_reopened(echod, tmp_path):
+    """A directory where the new log file should be: open() fails even for root. The master must log
+    that to the old file and keep serving, and a later USR1 must still work."""
+    log_path = tmp_path / "echod.log"
+    rotated = tmp_path / "echod.log.1"
+    daemon = echod("--log-file", str(log_path), workers=1, ready=False)
+    wait_for(lambda: log_path.exists() and "ready:" in log_path.read_text(), LIVENESS, "ready: in log file")
+    with daemon.connect() as sock:
+        assert echo_roundtrip(sock, b"before\n") == b"before\n"
+        log_path.rename(rotated)
+        log_path.mkdir()
+        daemon.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "cannot reopen log file" in rotated.read_text(), LIVENESS, "the failure logged")
+        assert alive(daemon.pid), rotated.read_text()
+        assert echo_roundtrip(sock, b"after\n") == b"after\n"
+    with daemon.connect() as sock:
+        assert echo_roundtrip(sock, b"new client\n") == b"new client\n"
+    log_path.rmdir()
+    daemon.send_signal(signal.SIGUSR1)
+    wait_for(lambda: log_path.exists() and "log file reopened" in log_path.read_text(), LIVENESS, "a reopen")
+    assert daemon.stop() == 0
+
+
 # -- start failures -----------------------------------------------------------------------------
 def test_listen_port_in_use_exits_69(echod):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import logs
 from .config import ConfigError, config_path, load_settings
 
 EX_RUNTIME = 1
@@ -101,6 +102,7 @@ def drop_privileges(user: str, group: str) -> None:
     uid = pwd.getpwnam(user).pw_uid if user else None
     if gid is None and uid is not None:
         gid = pwd.getpwuid(uid).pw_gid
+    logs.give_to(uid, gid)
     if os.getuid() == 0 and gid is not None:
         os.setgroups([])
     if gid is not None:
@@ -208,7 +210,6 @@ def _await_ready(ready_r: int) -> int:
 def _daemon_main(master: object, ready_w: int) -> int:
     import daemon  # python-daemon
 
-    from . import logs
     from .master import Master
 
     assert isinstance(master, Master)

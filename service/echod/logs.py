@@ -65,11 +65,13 @@ class _ReopenableHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return open(self.path, "a", buffering=1, encoding="utf-8")
 
     def reopen(self) -> None:
+        """Raises OSError, keeping the old file, if the path cannot be opened (a root-owned new file)."""
         if not self.path:
             return
+        fresh = self._open()
         self.acquire()
         try:
-            old, self.stream = self.stream, self._open()
+            old, self.stream = self.stream, fresh
             old.close()
         finally:
             self.release()
@@ -112,9 +114,26 @@ def detach() -> None:
         _handler = None
 
 
-def reopen() -> None:
-    if _handler is not None:
+def reopen() -> bool:
+    """Reopen the log file (SIGUSR1). A failure is logged to the old file, which stays in use: losing
+    the log must not cost the service."""
+    if _handler is None:
+        return True
+    try:
         _handler.reopen()
+    except OSError as exc:
+        logging.getLogger("echod").error(
+            "cannot reopen log file %r, still writing to the old one: %s", _handler.path, exc.strerror
+        )
+        return False
+    return True
+
+
+def give_to(uid: int | None, gid: int | None) -> None:
+    """Make the open log file the account's that echod is about to become, so that the master can
+    still reopen it after logrotate (whose `create` copies the old file's owner) once it is not root."""
+    if _handler is not None and _handler.path and os.geteuid() == 0:
+        os.fchown(_handler.stream.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
 
 
 def _stderr_is_journal() -> bool:

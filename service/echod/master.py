@@ -179,9 +179,9 @@ class Master:
             elif signum == signal.SIGHUP:
                 self._reload()
             elif signum == signal.SIGUSR1:
-                logs.reopen()
+                if logs.reopen():
+                    log.info("log file reopened")
                 self._signal_workers(signal.SIGUSR1)
-                log.info("log file reopened")
             elif signum == signal.SIGUSR2:
                 self._upgrade()
             elif signum == signal.SIGTTIN:
