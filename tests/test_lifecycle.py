@@ -395,12 +395,19 @@ def test_sighup_with_broken_toml_keeps_serving(echod, tmp_path):
     wait_metric(daemon, 'echod_config_reloads_total{result="failure"}', 2)
     wait_for(lambda: "idle_timeout: invalid value" in daemon.log(), LIVENESS, "the bad key in the log")
     assert daemon.workers() == before
+    # A file that is not UTF-8 (tomllib raises UnicodeDecodeError, not TOMLDecodeError) likewise.
+    config.write_bytes(b"# caf\xe9\nidle_timeout = 30\n")
+    daemon.send_signal(signal.SIGHUP)
+    wait_metric(daemon, 'echod_config_reloads_total{result="failure"}', 3)
+    wait_for(lambda: "not UTF-8" in daemon.log(), LIVENESS, "the encoding named in the log")
+    assert daemon.workers() == before
+    assert echoes(daemon)
     # Fixing the file and reloading again recovers.
     config.write_text("idle_timeout = 30\n")
     daemon.send_signal(signal.SIGHUP)
     wait_metric(daemon, 'echod_config_reloads_total{result="success"}', 1)
     wait_metric(daemon, "echod_config_last_reload_successful", 1)
-    wait_metric(daemon, 'echod_config_reloads_total{result="failure"}', 2)
+    wait_metric(daemon, 'echod_config_reloads_total{result="failure"}', 3)
     assert echoes(daemon)
 
 
@@ -492,18 +499,22 @@ def test_listen_port_in_use_exits_69(echod):
     ("contents", "extra", "expected"),
     [
         ("workers = [\n", (), "invalid TOML"),
+        (b"# caf\xe9\nworkers = 1\n", (), "not UTF-8"),
         ("no_such_key = 1\n", (), "no_such_key"),
         ("idle_timeout = -5\n", (), "idle_timeout"),
         (None, ("--write-buffer-low", "300000"), "write_buffer_low"),
         (None, ("--shutdown-timeout", "soon"), "shutdown_timeout"),
     ],
-    ids=["broken-toml", "unknown-key", "bad-value-file", "watermarks-flag", "bad-value-flag"],
+    ids=["broken-toml", "not-utf8", "unknown-key", "bad-value-file", "watermarks-flag", "bad-value-flag"],
 )
 def test_bad_config_exits_78(echod, tmp_path, contents, extra, expected):
     args = list(extra)
     if contents is not None:
         config = tmp_path / "bad.toml"
-        config.write_text(contents)
+        if isinstance(contents, bytes):
+            config.write_bytes(contents)
+        else:
+            config.write_text(contents)
         args += ["--config", str(config)]
     daemon = echod(*args, ready=False)
     assert daemon.wait_exit(LIVENESS) == 78, daemon.log()

@@ -488,6 +488,37 @@ def test_listener_ipv6(listeners: list[ListenerSet]) -> None:
     assert accepts(group, "::1", port)
 
 
+def queued(sock: socket.socket) -> int:
+    """Accept (and close) every connection queued on a non-blocking listening socket."""
+    count = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+def test_listener_new_address_is_steered_to_the_active_slots_at_once(listeners: list[ListenerSet]) -> None:
+    """A reload to fewer workers binds a new address for the old count of slots (3 here), and only
+    the new workers (1) accept on it: whatever the kernel hashed to sockets 1 and 2 would wait there
+    unaccepted and be reset when they are closed. `active` steers the new address from the start."""
+    lset = new_set(listeners, backlog=64)
+    kept = parse_address("127.0.0.1:0")
+    lset.open([kept], 3)
+    added = parse_address(f"127.0.0.1:{free_port()}")
+    lset.open([kept, added], 3, active=1)
+    group = lset.sockets[added]
+    assert len(group) == 3
+    clients = [socket.create_connection(("127.0.0.1", added.port), timeout=5) for _ in range(30)]
+    try:
+        assert [queued(sock) for sock in group] == [30, 0, 0]
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_listener_second_set_on_same_port_fails(listeners: list[ListenerSet]) -> None:
     first = new_set(listeners)
     address = parse_address("127.0.0.1:0")

@@ -279,6 +279,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes itself; TOML files must be UTF-8
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 (byte {exc.start}: {exc.reason})") from None
 
 
 def setting_fields() -> Iterator[tuple[str, FieldInfo]]:

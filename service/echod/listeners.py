@@ -216,10 +216,13 @@ class ListenerSet:
         host, port = self.sockets[address][0].getsockname()[:2]
         return Address(host, port, address.family, address.udp)
 
-    def open(self, addresses: list[Address], slots: int) -> None:
+    def open(self, addresses: list[Address], slots: int, active: int | None = None) -> None:
         """Bind every new address for `slots` slots; addresses already held keep their sockets.
 
-        Everything is bound before anything is kept, so a failure leaves the set as it was.
+        Everything is bound before anything is kept, so a failure leaves the set as it was. With
+        `active`, a new address is steered to its first `active` sockets at once: a reload to fewer
+        workers binds `slots` (the old count) for the addresses it keeps, and no worker would ever
+        accept what the kernel hashed to the new address's sockets beyond the new count.
         """
         fresh: dict[Address, list[socket.socket]] = {}
         try:
@@ -233,6 +236,9 @@ class ListenerSet:
             raise
         self.sockets.update(fresh)
         self.resize(slots)
+        if active is not None:
+            for address in fresh:
+                self._steer(address, active)
 
     def _bind_group(self, address: Address, slots: int) -> list[socket.socket]:
         _probe(address)
@@ -275,20 +281,23 @@ class ListenerSet:
         no queued connection. Returns False where the kernel refuses the program.
         """
         ok = True
-        for address, group in self.sockets.items():
-            if address in self.shared:
-                continue
-            try:
-                (_attach_source_steering if address.udp else _attach_steering)(group[0], active)
-            except OSError as exc:
-                log.warning(
-                    "cannot steer %s with SO_ATTACH_REUSEPORT_CBPF (%s): fewer workers may reset queued"
-                    " connections unless net.ipv4.tcp_migrate_req=1",
-                    address,
-                    exc.strerror,
-                )
-                ok = False
+        for address in self.sockets:
+            if address not in self.shared:
+                ok = self._steer(address, active) and ok
         return ok
+
+    def _steer(self, address: Address, active: int) -> bool:
+        try:
+            (_attach_source_steering if address.udp else _attach_steering)(self.sockets[address][0], active)
+        except OSError as exc:
+            log.warning(
+                "cannot steer %s with SO_ATTACH_REUSEPORT_CBPF (%s): fewer workers may reset queued"
+                " connections unless net.ipv4.tcp_migrate_req=1",
+                address,
+                exc.strerror,
+            )
+            return False
+        return True
 
     def shrink(self, slots: int) -> None:
         for address, group in self.sockets.items():

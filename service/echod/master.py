@@ -428,11 +428,13 @@ class Master:
             addresses = new.all_addresses
             if self.listeners.shared:  # socket-activated: systemd owns the addresses
                 addresses = self.listeners.addresses
-            self.listeners.open(addresses, max(new.worker_count, self.wanted))
+            self.listeners.open(addresses, max(new.worker_count, self.wanted), active=new.worker_count)
             metrics_sock = self._rebind_metrics(new)
-        except (ConfigError, BindError, OSError) as exc:
+        except Exception as exc:  # whatever went wrong, the running configuration keeps serving
             for address in set(self.listeners.addresses) - held:  # bound for a reload that failed
                 self.listeners.close_address(address)
+            if not isinstance(exc, (ConfigError, BindError, OSError)):
+                log.exception("unexpected error while reloading (please report it)")
             self._reload_failed(str(exc))
             return
         logs.setup(new.log.level, new.log.format, new.log.file)
