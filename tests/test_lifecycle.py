@@ -6,6 +6,7 @@ Every test drives `echod run` with real signals over loopback sockets. Waits are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -434,6 +435,36 @@ def test_sigttin_sigttou_scale_workers(echod):
 
 
 # -- log rotation -------------------------------------------------------------------------------
+def test_ttin_right_after_ttou_gives_the_retiring_slot_a_new_worker(echod, tmp_path):
+    """TTOU retires slot 1's worker, which may linger (here: stopped; for real: slow readers holding
+    it up to shutdown_timeout). A TTIN steers connections to slot 1's socket again, so slot 1 needs a
+    new worker at once; otherwise they wait in its queue until the old one exits."""
+    config = tmp_path / "patient.toml"
+    config.write_text("shutdown_timeout = 120\nheartbeat_timeout = 120\n")
+    daemon = echod("--config", str(config), workers=2)
+    old = next(pid for pid in daemon.workers() if comm(pid) == "echod-worker-1")
+    os.kill(old, signal.SIGSTOP)
+    try:
+        daemon.send_signal(signal.SIGTTOU)
+        wait_for(lambda: "workers: 2 -> 1" in daemon.log(), LIVENESS, "TTOU handled")
+        daemon.send_signal(signal.SIGTTIN)
+        wait_for(lambda: "workers: 1 -> 2" in daemon.log(), LIVENESS, "TTIN handled")
+        wait_for(
+            lambda: any(comm(pid) == "echod-worker-1" and pid != old for pid in daemon.workers()),
+            LIVENESS,
+            "a new worker for slot 1 while the old one still retires",
+        )
+        for index in range(20):  # about half of them hash to slot 1
+            with daemon.connect(timeout=LIVENESS) as sock:
+                assert echo_roundtrip(sock, b"%d" % index) == b"%d" % index
+        assert alive(old), "the stopped worker was replaced by killing it, not by TTIN"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
+    wait_for(lambda: not alive(old), LIVENESS, "the retired worker to finish once it runs again")
+    assert daemon.http("/healthz")[0] == 200
+
+
 def test_sigusr1_reopens_log_file(echod, tmp_path):
     log_path = tmp_path / "echod.log"
     rotated = tmp_path / "echod.log.1"

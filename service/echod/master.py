@@ -245,7 +245,10 @@ class Master:
 
     def _supervise(self) -> None:
         now = time.monotonic()
-        current = {w.slot: w for w in self.workers.values() if w.generation == self.generation}
+        # A retiring worker no longer fills its slot: after TTOU then TTIN the slot needs a new one.
+        current = {
+            w.slot for w in self.workers.values() if w.generation == self.generation and not w.retiring
+        }
         for slot in range(self.wanted):
             if slot not in current and now >= self.backoff.get(slot, (0, 0.0))[1]:
                 self._spawn(slot)
@@ -306,7 +309,9 @@ class Master:
         accepting = sum(
             1
             for w in self.workers.values()
-            if w.generation == self.generation and self.stats.row(w.row)[stats.STATE] == stats.STATE_ACCEPTING
+            if w.generation == self.generation
+            and not w.retiring
+            and self.stats.row(w.row)[stats.STATE] == stats.STATE_ACCEPTING
         )
         return accepting >= self.wanted
 
