@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import resource
 import selectors
 import signal
 import socket
@@ -688,6 +689,61 @@ def test_out_of_file_descriptors_sheds_without_spinning(limited_echod):
     assert daemon.workers() == [worker]
     assert daemon.metrics()[RESTARTS] == 0
     assert "connections: out of file descriptors" in daemon.log(), daemon.log()
+
+
+def lowest_free_fd(pid: int) -> int:
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    return next(fd for fd in range(len(used) + 1) if fd not in used)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("room", ["later", "for-the-channel-only"])
+def test_handover_to_a_worker_out_of_descriptors(echod, room):
+    """TTOU retires slot 1, which hands its connections to slot 0; slot 0 has no descriptor free.
+
+    "later": the channel (and the connections in it) must wait in the kernel until slot 0 has room
+    again, then every connection echoes. "for-the-channel-only": slot 0 can take the channel but not
+    the connections in it; the kernel closes those, and slot 0 must say so and count them. In both,
+    slot 0 and its own connections live on; an uncaught EMFILE used to kill it."""
+    daemon = echod(workers=2)
+    socks = [daemon.connect(timeout=LIVENESS) for _ in range(40)]
+    try:
+        for index, sock in enumerate(socks):
+            assert echo_roundtrip(sock, b"%d" % index) == b"%d" % index
+        by_slot = {conftest.comm(pid): pid for pid in daemon.workers()}
+        keeper, leaver = by_slot["echod-worker-0"], by_slot["echod-worker-1"]
+        limits = resource.prlimit(keeper, resource.RLIMIT_NOFILE)
+        free = lowest_free_fd(keeper)  # every fd below it is in use: with this limit, none is left
+        resource.prlimit(keeper, resource.RLIMIT_NOFILE, (free + (room != "later"), limits[1]))
+        daemon.send_signal(signal.SIGTTOU)
+        if room == "later":
+            wait_for(lambda: "cannot take connections handed over" in daemon.log(), LIVENESS, "EMFILE")
+            assert alive(keeper), daemon.log()
+            resource.prlimit(keeper, resource.RLIMIT_NOFILE, limits)
+        else:
+            wait_for(lambda: "connections handed over were lost" in daemon.log(), LIVENESS, "the loss")
+            resource.prlimit(keeper, resource.RLIMIT_NOFILE, limits)
+        wait_for(lambda: not alive(leaver), LIVENESS, "the retired worker to exit")
+        echoed = lost = 0
+        for index, sock in enumerate(socks):
+            payload = b"after %d" % index
+            try:
+                reply = echo_roundtrip(sock, payload)
+            except (ConnectionResetError, BrokenPipeError):
+                reply = b""
+            assert reply in (payload, b""), reply
+            echoed += reply == payload
+            lost += reply == b""
+        if room == "later":
+            assert lost == 0, f"{lost} of 40 connections lost while slot 0 was out of descriptors"
+        else:
+            assert 0 < lost < 40, f"{lost} of 40 lost: the test needs connections on both workers"
+            wait_metrics(daemon, lambda m: m[closed("error")] >= lost, f"{lost} closed (error)")
+        assert daemon.workers() == [keeper]
+        assert daemon.metrics()[RESTARTS] == 0, daemon.log()
+        assert "Traceback" not in daemon.log(), daemon.log()
+    finally:
+        close_all(socks)
 
 
 # -- signal storms ----------------------------------------------------------------------------------------

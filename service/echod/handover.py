@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from typing import NamedTuple
 
 MAX_FDS = 250  # per message: SCM_MAX_FD is 253
 _MAGIC = b"echod-handover-1\n"
@@ -34,10 +35,11 @@ def listen() -> socket.socket:
 
 
 def accept(lsock: socket.socket) -> socket.socket | None:
-    """A channel from a retiring worker; None unless the peer runs as our own user."""
+    """A channel from a retiring worker; None unless the peer runs as our own user. Raises OSError
+    (EMFILE...) when there is no descriptor for it: the channel then stays queued."""
     try:
         chan, _ = lsock.accept()
-    except BlockingIOError:
+    except (BlockingIOError, ConnectionAbortedError):
         return None
     creds = chan.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
@@ -48,7 +50,14 @@ def accept(lsock: socket.socket) -> socket.socket | None:
     return chan
 
 
-def receive(chan: socket.socket) -> list[tuple[int, str]] | None:
+class Truncated(NamedTuple):
+    """The kernel had no descriptor for `lost` of the connections in a message and closed them."""
+
+    kept: list[tuple[int, str]]
+    lost: int
+
+
+def receive(chan: socket.socket) -> list[tuple[int, str]] | Truncated | None:
     """(fd, client address or "") for one message; [] if none is ready; None once the sender is done."""
     try:
         data, fds, flags, _addr = socket.recv_fds(chan, _MAX_DATA, MAX_FDS)
@@ -56,9 +65,11 @@ def receive(chan: socket.socket) -> list[tuple[int, str]] | None:
         return []
     except OSError:
         return None
-    if not data and not fds:
+    if not data and not fds and not flags & socket.MSG_CTRUNC:
         return None
     peers = data[len(_MAGIC) :].decode("ascii", "replace").split("\n") if data.startswith(_MAGIC) else []
+    if flags & socket.MSG_CTRUNC:  # the addresses, one per descriptor sent, tell how many were lost
+        return Truncated([(fd, "") for fd in fds], max(1, len(peers) - len(fds)))
     if len(peers) != len(fds) or flags & socket.MSG_TRUNC:  # an older sender, or cut short: no addresses
         peers = [""] * len(fds)
     return list(zip(fds, peers, strict=True))

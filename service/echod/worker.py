@@ -152,6 +152,7 @@ class Worker:
         self.reserve_fd = -1
         self.accepting = False
         self.accept_resume_at = 0.0
+        self.inbox_resume_at, self.inbox_fd = 0.0, -1  # the handover inbox, unwatched while out of fds
         self.signalled: list[int] = []
         self.drain_deadline: float | None = None  # set by a graceful stop or retirement
         self.retire_at: float | None = None  # when a retiring worker stops accepting
@@ -305,9 +306,7 @@ class Worker:
             self._drain_wakeup()
             return
         if state.__class__ is _Inbox:
-            chan = handover.accept(state.sock)
-            if chan is not None:
-                self._watch(chan, _Channel)
+            self._take_channel(fd, state.sock)
             return
         if state.__class__ is _Channel:
             self._receive(fd, state.sock)
@@ -609,6 +608,9 @@ class Worker:
             self.accept_resume_at = 0.0
             self.reserve_fd = self._open_reserve()
             self._start_accepting()
+        if self.inbox_resume_at and now >= self.inbox_resume_at:
+            self.inbox_resume_at = 0.0
+            self.ep.register(self.inbox_fd, EPOLLIN)
         if os.getppid() != self.master_pid and self.close_deadline is None:
             log.warning("master %d is gone: stopping", self.master_pid)
             self._begin_close(now)
@@ -691,6 +693,20 @@ class Worker:
         self.table[fd] = kind(sock)
         self.ep.register(fd, EPOLLIN)
 
+    def _take_channel(self, fd: int, inbox: socket.socket) -> None:
+        try:
+            chan = handover.accept(inbox)
+        except OSError as exc:
+            # Out of descriptors (EMFILE): the channel and the connections in it wait in the kernel
+            # until there is room. Unwatch the inbox meanwhile, or level-triggered epoll would spin.
+            log.warning("cannot take connections handed over (%s): trying again in %.0f s", exc, EMFILE_PAUSE)
+            self.ep.unregister(fd)
+            self.inbox_resume_at = time.monotonic() + EMFILE_PAUSE
+            self.inbox_fd = fd
+            return
+        if chan is not None:
+            self._watch(chan, _Channel)
+
     def _keep_handing_over(self) -> None:
         """Retired: (re)connect to the successor the master names now, which may have changed since
         (a later reload retired the first one): nothing may stay behind with a worker that exits."""
@@ -753,6 +769,10 @@ class Worker:
 
     def _receive(self, fd: int, chan: socket.socket) -> None:
         received = handover.receive(chan)
+        if isinstance(received, handover.Truncated):
+            log.error("%d connections handed over were lost: out of file descriptors", received.lost)
+            self.counts[stats.CLOSED_ERROR] += received.lost
+            received = received.kept
         if received is None:
             self.table[fd] = _CLOSED
             chan.close()
