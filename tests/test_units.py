@@ -9,11 +9,13 @@ import os
 import select
 import socket
 import struct
+import time
 import tracemalloc
 from collections.abc import Iterator
 
 import pytest
 from conftest import free_port, has_ipv6
+from echod import daemon
 from echod.connection import Connection, Watermarks
 from echod.idle import IdleWheel
 from echod.listeners import Address, BindError, ListenerSet, parse_address
@@ -627,3 +629,34 @@ def test_listener_close(listeners: list[ListenerSet]) -> None:
     again = new_set(listeners)
     again.open([parse_address(f"127.0.0.1:{port_a}"), b], 1)
     assert len(again.filenos()) == 2
+
+
+# -- echod start's launcher -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("said", "code", "stderr"),
+    [
+        (b"ready\n", 0, ""),
+        (b"listen 127.0.0.1:1: in use\n", daemon.EX_RUNTIME, "in use"),
+        (None, daemon.EX_RUNTIME, "exited before it was ready"),  # the daemon died: EOF
+        (b"", daemon.EX_RUNTIME, "not ready after 0.5 s"),  # alive, silent: `start` must not hang
+    ],
+    ids=["ready", "error", "died", "silent"],
+)
+def test_start_waits_for_the_daemons_word_but_not_for_ever(
+    capsys: pytest.CaptureFixture[str], said: bytes | None, code: int, stderr: str
+) -> None:
+    read_end, write_end = os.pipe()
+    if said:
+        os.write(write_end, said)
+    if said is None:
+        os.close(write_end)
+    started = time.monotonic()
+    try:
+        assert daemon._await_ready(read_end, timeout=0.5) == code
+    finally:
+        if said is not None:
+            os.close(write_end)
+    assert time.monotonic() - started < 5
+    assert stderr in capsys.readouterr().err

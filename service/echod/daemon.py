@@ -13,6 +13,7 @@ import fcntl
 import grp
 import os
 import pwd
+import select
 import signal
 import sys
 import time
@@ -188,18 +189,25 @@ def cmd_start(args: argparse.Namespace) -> int:
     os._exit(_daemon_main(master, ready_w))
 
 
-def _await_ready(ready_r: int) -> int:
-    """The launcher: wait for the daemon's word (or its death, seen as EOF on the pipe)."""
-    with os.fdopen(ready_r, "rb") as pipe:
-        message = b""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            chunk = pipe.read1(4096)  # type: ignore[attr-defined]
+def _await_ready(ready_r: int, timeout: float = READY_TIMEOUT) -> int:
+    """The launcher: wait for the daemon's word (or its death, seen as EOF on the pipe), but not for
+    ever: a daemon alive but never ready (workers crash-looping) must not hang `echod start`."""
+    message = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(ready_r, "rb", buffering=0) as pipe:
+        while not message.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                print(
+                    f"echod: could not start: the daemon was not ready after {timeout:g} s; it may still be"
+                    " running: see its log, `echod status` and `echod stop`",
+                    file=sys.stderr,
+                )
+                return EX_RUNTIME
+            chunk = pipe.read(4096)
             if not chunk:
                 break
             message += chunk
-            if message.endswith(b"\n"):
-                break
     text = message.decode(errors="replace").strip()
     if text == "ready":
         return 0
