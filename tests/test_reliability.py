@@ -798,6 +798,23 @@ def test_hundred_sighups_in_a_burst(echod):
 
 
 @pytest.mark.timeout(90)
+def test_usr1_right_after_hup_kills_no_new_worker(echod):
+    """HUP forks the new workers, and a USR1 handled in the same turn reaches them at once, before
+    they have handlers: it must wait (blocked) until they do, not kill them (USR1's default action)."""
+    daemon = echod(workers=2)
+    for round_ in range(1, 4):
+        os.kill(daemon.pid, signal.SIGHUP)
+        os.kill(daemon.pid, signal.SIGUSR1)
+        wait_for(lambda: reloads_settled(daemon, 2), LIVENESS, f"reload {round_} to finish")
+        wait_metrics(daemon, lambda m, n=round_: m[RELOAD_OK] == n, f"{round_} reloads counted")
+    samples = wait_metrics(daemon, lambda m: m[WORKERS] == 2, "2 current workers")
+    assert samples[RESTARTS] == 0, daemon.log()
+    assert " died:" not in daemon.log(), daemon.log()
+    with daemon.connect(timeout=LIVENESS) as sock:
+        assert echo_roundtrip(sock, b"still here") == b"still here"
+
+
+@pytest.mark.timeout(90)
 def test_overlapping_reloads_are_all_counted(echod):
     # A HUP that arrives while the previous reload's workers are still starting: each reload the master
     # handles ("reloading configuration" in the log) must end as a success or a failure in the counters.

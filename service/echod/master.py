@@ -223,7 +223,8 @@ class Master:
         try:
             self._become_child(keep)
             set_process_name(name)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            # The signals stay blocked until the child has its own handlers in place and unblocks
+            # them itself: until then their default action would kill it (a USR1 log reopen, say).
             code = body()
         except BaseException:
             log.exception("child process failed")

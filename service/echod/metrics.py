@@ -206,8 +206,10 @@ class _Server(ThreadingMixIn, WSGIServer):
 def serve(sock: socket.socket, table: Stats, heartbeat_timeout: float, master_pid: int) -> int:
     """Entry point of the metrics process (already forked)."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+    ignored = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+    for signum in ignored:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, *ignored})
     sock.setblocking(True)
     server = _Server(sock, master_pid)
     server.set_app(make_app(StatsCollector(table, heartbeat_timeout), master_pid))

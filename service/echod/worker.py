@@ -170,11 +170,15 @@ class Worker:
         self._grow(rfd)
         self.table[rfd] = _WAKEUP
         self.ep.register(rfd, EPOLLIN)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+        ignored = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+        for signum in handled:
             signal.signal(signum, self._on_signal)
-        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        for signum in ignored:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The master forks us with these blocked, so that none can kill us before the handlers exist.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {*handled, *ignored, signal.SIGCHLD})
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signalled.append(signum)
