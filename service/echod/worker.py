@@ -245,7 +245,7 @@ class Worker:
         )  # fmt: skip
         slow, close, eof, buffer, splice = self._event, self._close, self._eof, self._buffer, self._splicer()
         spliced, bulk = self.spliced, self.bulk
-        IN, RECEIVED, SENT = EPOLLIN, stats.RECEIVED_BYTES, stats.SENT_BYTES
+        IN, RECEIVED, SENT, DROPPED = EPOLLIN, stats.RECEIVED_BYTES, stats.SENT_BYTES, stats.DROPPED_BYTES
 
         def serve(events: list[tuple[int, int]], tick: int) -> None:
             """A plain connection that is only readable takes the fast path; the rest go to _event."""
@@ -275,7 +275,8 @@ class Worker:
                         n = write(fd, data)
                     except BlockingIOError:
                         n = 0
-                    except OSError as exc:
+                    except OSError as exc:  # reset between the read and the write
+                        counts[DROPPED] += k
                         close(fd, "error", exc)
                         continue
                     sent += n
@@ -367,6 +368,7 @@ class Worker:
         except BlockingIOError:
             n = 0
         except OSError as exc:
+            self.counts[stats.DROPPED_BYTES] += len(data)
             self._close(fd, "error", exc)
             return
         self.counts[stats.SENT_BYTES] += n
