@@ -401,6 +401,32 @@ def test_privilege_drop_to_nobody(echod: DaemonFactory, metrics: bool) -> None:
 
 
 @root_only
+def test_privilege_drop_gives_away_no_log_but_a_regular_file(echod: DaemonFactory, tmp_path: Path) -> None:
+    """log.file may name a terminal or /dev/stdout: handing that to daemon.user would give it the
+    admin's terminal. Only a regular log file changes owner (here: a FIFO, which must stay root's)."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo, 0o666)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # echod's open for appending needs a reader
+    lines = bytearray()
+
+    def said(text: bytes) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(reader, 65536):
+                lines.extend(chunk)
+        return text in lines
+
+    try:
+        daemon = echod("--daemon-user", "nobody", "--log-file", str(fifo), workers=1, ready=False)
+        wait_for(lambda: said(b"ready:"), LIVENESS, "ready: in the FIFO")
+        with daemon.connect() as sock:
+            assert echo_roundtrip(sock, b"fifo\n") == b"fifo\n"
+        assert all(proc_ids(pid)[0] == [pwd.getpwnam("nobody").pw_uid] * 4 for pid in daemon.workers())
+        assert fifo.stat().st_uid == 0, "a log that is not a regular file was given to daemon.user"
+    finally:
+        os.close(reader)
+
+
+@root_only
 @pytest.mark.parametrize("flag", ["--daemon-user", "--daemon-group"])
 def test_privilege_drop_to_unknown_account_fails(tmp_path: Path, flag: str) -> None:
     name = "no-such-echod-account"

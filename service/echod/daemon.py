@@ -103,7 +103,7 @@ def drop_privileges(user: str, group: str) -> None:
     uid = pwd.getpwnam(user).pw_uid if user else None
     if gid is None and uid is not None:
         gid = pwd.getpwuid(uid).pw_gid
-    logs.give_to(uid, gid)
+    logs.give_to(uid)
     if os.getuid() == 0 and gid is not None:
         os.setgroups([])
     if gid is not None:
@@ -226,10 +226,18 @@ def _daemon_main(master: object, ready_w: int) -> int:
     if master.metrics_sock is not None:
         keep.append(master.metrics_sock.fileno())
 
+    unsaid = [ready_w]  # the launcher hears one word; the fd number may be reused after that
+
     def report(text: str) -> None:
-        with contextlib.suppress(OSError):
-            os.write(ready_w, (text.replace("\n", "; ") + "\n").encode())
-            os.close(ready_w)
+        if not unsaid:
+            return
+        fd = unsaid.pop()
+        try:
+            os.write(fd, (text.replace("\n", "; ") + "\n").encode())
+        except OSError:  # the launcher gave up waiting (EPIPE)
+            pass
+        finally:
+            os.close(fd)
 
     master.on_ready = lambda: report("ready")
     pidfile = PidFile(settings.daemon.pidfile)

@@ -68,8 +68,10 @@ def receive(chan: socket.socket) -> list[tuple[int, str]] | Truncated | None:
     if not data and not fds and not flags & socket.MSG_CTRUNC:
         return None
     peers = data[len(_MAGIC) :].decode("ascii", "replace").split("\n") if data.startswith(_MAGIC) else []
-    if flags & socket.MSG_CTRUNC:  # the addresses, one per descriptor sent, tell how many were lost
-        return Truncated([(fd, "") for fd in fds], max(1, len(peers) - len(fds)))
+    if flags & socket.MSG_CTRUNC:  # one address per descriptor sent: the kernel installs them in order
+        if len(peers) < len(fds):
+            peers = [""] * len(fds)
+        return Truncated(list(zip(fds, peers, strict=False)), max(1, len(peers) - len(fds)))
     if len(peers) != len(fds) or flags & socket.MSG_TRUNC:  # an older sender, or cut short: no addresses
         peers = [""] * len(fds)
     return list(zip(fds, peers, strict=True))

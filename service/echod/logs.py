@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from typing import TextIO
@@ -129,11 +130,22 @@ def reopen() -> bool:
     return True
 
 
-def give_to(uid: int | None, gid: int | None) -> None:
+def give_to(uid: int | None) -> None:
     """Make the open log file the account's that echod is about to become, so that the master can
-    still reopen it after logrotate (whose `create` copies the old file's owner) once it is not root."""
-    if _handler is not None and _handler.path and os.geteuid() == 0:
-        os.fchown(_handler.stream.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
+    still reopen it after logrotate (whose `create` copies the old file's owner) once it is not root.
+    Only the owner changes (a group such as adm keeps reading it), only for a regular file (never a
+    terminal or /dev/stdout), and a failure (NFS root_squash, say) costs only that: a warning."""
+    if _handler is None or not _handler.path or uid is None or os.geteuid() != 0:
+        return
+    fd = _handler.stream.fileno()
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchown(fd, uid, -1)
+    except OSError as exc:
+        logging.getLogger("echod").warning(
+            "cannot give log file %r to uid %d (%s): reopening it after a rotation may fail",
+            _handler.path, uid, exc.strerror,
+        )  # fmt: skip
 
 
 def _stderr_is_journal() -> bool:
