@@ -322,6 +322,57 @@ def test_upgrade_of_a_started_daemon_hands_over_the_pidfile(ctl: Ctl) -> None:
     assert not ctl.pidfile.exists()
 
 
+def test_stop_during_an_upgrade_stops_the_new_master_too(ctl: Ctl, tmp_path: Path) -> None:
+    """`echod stop` while a USR2 upgrade's new master is still starting: both must go. Left alone,
+    the new master came up after the old one had exited, holding the pidfile's lock, so `stop`
+    waited for it in vain and the service ran on."""
+    hook = tmp_path / "slow-upgrade"
+    hook.mkdir()
+    # A new master that is slow to start (it alone has ECHOD_INHERIT): once it has taken its inherited
+    # sockets (and so popped the variable), a thread holds logging's lock for 4 s, which stalls it at
+    # its next log call. Not earlier: a successor whose parent is already gone runs as a fresh instance
+    # (and fails, the port held by its own inherited sockets). Not SIGSTOP: a stopped process in the
+    # group that the old master's exit orphans gets SIGHUP from the kernel.
+    (hook / "sitecustomize.py").write_text(
+        "import os, threading, time\n"
+        "def _stall():\n"
+        "    while 'ECHOD_INHERIT' in os.environ:\n"
+        "        time.sleep(0.001)\n"
+        "    import logging\n"
+        "    logging._acquireLock()\n"
+        "    time.sleep(4)\n"
+        "    logging._releaseLock()\n"
+        "if 'ECHOD_INHERIT' in os.environ:\n"
+        "    threading.Thread(target=_stall, daemon=True).start()\n"
+    )
+    ctl.env["PYTHONPATH"] = str(hook)
+    port = free_port()
+    started = ctl.start(port)
+    assert started.returncode == 0, started.stderr + log_of(ctl.log)
+    old = ctl.pid()
+    os.kill(old, signal.SIGUSR2)
+    found: list[int] = []
+
+    def new_master() -> bool:
+        found[:] = [int(m) for m in re.findall(r"upgrade: started new master (\d+)", log_of(ctl.log))]
+        return bool(found)
+
+    wait_for(new_master, LIVENESS, "the upgrade to start a new master")
+    new = found[0]
+    try:
+        stop = ctl.ctl("stop")
+        assert stop.returncode == 0, stop.stdout + stop.stderr + log_of(ctl.log)
+        assert not alive(old)
+        wait_for(lambda: not alive(new), LIVENESS, "the new master to be stopped as well")
+    finally:
+        if alive(new):
+            os.kill(new, signal.SIGKILL)
+    assert "stopping during an upgrade" in log_of(ctl.log)
+    assert ctl.ctl("status").returncode == 3
+    with pytest.raises(ConnectionRefusedError):  # nothing serves the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=LIVENESS).close()
+
+
 def test_stale_pidfile_reported_and_does_not_block_start(ctl: Ctl) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait(CMD_TIMEOUT)

@@ -541,9 +541,21 @@ class Master:
         self._hand_over(pids)
 
     def _upgrade_failed(self, why: str) -> None:
+        assert self.successor is not None
+        log.error("upgrade failed, this master keeps serving: new master %d: %s", self.successor.pid, why)
+        self._end_successor()
+
+    def _abandon_upgrade(self) -> None:
+        """A stop while the new master is still starting stops it too: stop means the service, and
+        left alone it would come up after we are gone, holding the pidfile's lock (`echod stop` would
+        wait for it in vain)."""
+        assert self.successor is not None
+        log.warning("stopping during an upgrade: stopping the new master %d too", self.successor.pid)
+        self._end_successor()
+
+    def _end_successor(self) -> None:
         successor = self.successor
         assert successor is not None
-        log.error("upgrade failed, this master keeps serving: new master %d: %s", successor.pid, why)
         os.close(successor.ready_fd)
         try:
             os.kill(successor.pid, signal.SIGTERM)
@@ -563,6 +575,8 @@ class Master:
     def _begin_stop(self, fast: bool) -> None:
         if self.stopping and not fast:
             return
+        if self.successor is not None and not self.stopping:
+            self._abandon_upgrade()
         self.stopping = True
         notify.stopping("stopping")
         log.info("%s stop: closing listeners", "fast" if fast else "graceful")
