@@ -324,8 +324,8 @@ def test_upgrade_of_a_started_daemon_hands_over_the_pidfile(ctl: Ctl) -> None:
 
 def test_stop_during_an_upgrade_stops_the_new_master_too(ctl: Ctl, tmp_path: Path) -> None:
     """`echod stop` while a USR2 upgrade's new master is still starting: both must go. Left alone,
-    the new master came up after the old one had exited, holding the pidfile's lock, so `stop`
-    waited for it in vain and the service ran on."""
+    the new master came up after the old one had exited and served on, while `stop` (the pidfile
+    gone with the old master) reported the service stopped."""
     hook = tmp_path / "slow-upgrade"
     hook.mkdir()
     # A new master that is slow to start (it alone has ECHOD_INHERIT): once it has taken its inherited

@@ -546,9 +546,9 @@ class Master:
         self._end_successor()
 
     def _abandon_upgrade(self) -> None:
-        """A stop while the new master is still starting stops it too: stop means the service, and
-        left alone it would come up after we are gone, holding the pidfile's lock (`echod stop` would
-        wait for it in vain)."""
+        """A stop while the new master is still starting stops it too: stop means the service. Left
+        alone it would come up after we are gone and serve on, an orphan that `echod stop` had already
+        reported stopped (our exit removes the pidfile)."""
         assert self.successor is not None
         log.warning("stopping during an upgrade: stopping the new master %d too", self.successor.pid)
         self._end_successor()
