@@ -56,10 +56,14 @@ def test_pending_output_lives_in_a_pipe_and_a_fast_stop_flushes_it(echod: Daemon
     received = int(wait_for(settled, 15, "echod's received bytes to settle"))
     assert received <= sent
     daemon.send_signal(signal.SIGINT)  # fast stop: flush what was read, then close
-    got = recv_exactly(sock, received + 1)
+    got = recv_exactly(sock, sent + 1)
     sock.close()
-    assert len(got) == received, f"{len(got)} bytes echoed, echod had read {received}"
-    assert got == payload[:received], "the echo differs from what was sent"
+    # At least what echod had read when it settled, and nothing it was not sent. Not exactly that:
+    # a zero-window probe may still carry a byte or so to the client afterwards, which frees room
+    # in echod's send buffer and lets it read a little more (seen once in CI: one byte).
+    assert received <= len(got) <= sent, f"{len(got)} bytes echoed; echod had read {received} of {sent}"
+    assert len(got) - received < 64 * 1024, f"{len(got)} bytes echoed, echod had read only {received}"
+    assert got == payload[: len(got)], "the echo differs from what was sent"
     assert daemon.wait_exit(15) == 0, daemon.log()
     assert "killing worker" not in daemon.log()
 
