@@ -471,10 +471,10 @@ class Worker:
         ready for ACCEPT_STREAK turns in a row: then batches, until one empties the queue.
 
         Accepting until EAGAIN on every event costs an accept4 that finds nothing, which allocates
-        and frees a socket in the kernel (4.6 us here, more than the accept itself), and under churn
-        that is about every other connection. Level-triggered epoll reports a listener with more
-        waiting on the next turn anyway; the streak keeps a connection storm from being accepted at
-        one per turn behind a busy loop's thousand events."""
+        and frees a socket in the kernel (4.6 us here from Python, against 1.3 us for a read that
+        finds nothing), and under churn that is about every other connection. Level-triggered epoll
+        reports a listener with more waiting on the next turn anyway; the streak keeps a connection
+        storm from being accepted at one per turn behind a busy loop's thousand events."""
         lsock = listener.sock
         turn = self.turn
         listener.streak = listener.streak + 1 if listener.turn == turn - 1 else 0
