@@ -572,15 +572,8 @@ def test_logrotate_config_parses() -> None:
     assert "error" not in output.lower(), output
 
 
-def test_logrotate_rotation_makes_the_daemon_reopen_its_log(ctl: Ctl, tmp_path: Path) -> None:
-    """A real rotation with the shipped file (paths moved into tmp): postrotate finds the daemon
-    through its pidfile and SIGUSR1 makes it write to the new file."""
-    logdir = tmp_path / "log"
-    logdir.mkdir()
-    ctl.log = logdir / "echod.log"
-    port = free_port()
-    started = ctl.start(port)
-    assert started.returncode == 0, started.stderr + log_of(ctl.log)
+def rotate(ctl: Ctl, logdir: Path, tmp_path: Path) -> None:
+    """One forced rotation with the shipped logrotate file, its paths moved to `logdir` and ctl's pidfile."""
     config = tmp_path / "logrotate.conf"
     config.write_text(
         substitute(
@@ -591,6 +584,18 @@ def test_logrotate_rotation_makes_the_daemon_reopen_its_log(ctl: Ctl, tmp_path: 
     config.chmod(0o644)
     result = run(["logrotate", "--force", "--state", str(tmp_path / "logrotate.state"), str(config)])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_logrotate_rotation_makes_the_daemon_reopen_its_log(ctl: Ctl, tmp_path: Path) -> None:
+    """A real rotation with the shipped file (paths moved into tmp): postrotate finds the daemon
+    through its pidfile and SIGUSR1 makes it write to the new file."""
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    ctl.log = logdir / "echod.log"
+    port = free_port()
+    started = ctl.start(port)
+    assert started.returncode == 0, started.stderr + log_of(ctl.log)
+    rotate(ctl, logdir, tmp_path)
     rotated = logdir / "echod.log.1"
     assert rotated.exists(), sorted(p.name for p in logdir.iterdir())
     assert "ready:" in rotated.read_text()
@@ -626,16 +631,7 @@ def test_logrotate_and_reload_work_after_dropping_privileges(ctl: Ctl, tmp_path:
             "the reload to end",
         )
         assert "reload complete" in log_of(ctl.log), log_of(ctl.log)
-        config = tmp_path / "logrotate.conf"
-        config.write_text(
-            substitute(
-                (DEPLOY / "logrotate" / "echod").read_text(),
-                {"/var/log/echod/": f"{logdir}/", "/run/echod/echod.pid": str(ctl.pidfile)},
-            )
-        )
-        config.chmod(0o644)
-        result = run(["logrotate", "--force", "--state", str(tmp_path / "logrotate.state"), str(config)])
-        assert result.returncode == 0, result.stdout + result.stderr
+        rotate(ctl, logdir, tmp_path)
         wait_for(lambda: "log file reopened" in log_of(ctl.log), LIVENESS, "the daemon to reopen its log")
         assert "cannot reopen" not in log_of(logdir / "echod.log.1")
         assert alive(ctl.pid())
