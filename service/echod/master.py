@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from . import logs, notify, stats, upgrade
 from .config import MAX_WORKERS, ConfigError, Settings
 from .listeners import Address, BindError, ListenerSet, bind_socket, parse_address
-from .splice import SpliceWorker
 from .stats import Stats
-from .worker import FLUSH_GRACE, Worker
+from .worker import FLUSH_GRACE, run_worker
 
 log = logging.getLogger("echod.master")
 
@@ -195,18 +194,13 @@ class Master:
         proxied = frozenset(self.listeners.filenos_of(self.settings.proxy_addresses()))
         row = self.stats.claim_row(0, slot, self.generation)
         pid = self._fork(
-            lambda: self._worker_class()(
-                self.settings, listeners, self.stats.row(row), self.pid, proxied
-            ).run(),
+            lambda: run_worker(self.settings, listeners, self.stats.row(row), self.pid, proxied),
             keep=listeners,
             name=f"echod-worker-{slot}",
         )
         self.stats.row(row)[stats.PID] = pid
         self.workers[pid] = WorkerProc(pid, slot, self.generation, row, time.monotonic())
         log.debug("worker %d started in slot %d (generation %d)", pid, slot, self.generation)
-
-    def _worker_class(self) -> type[Worker]:
-        return Worker if self.settings.io_mode == "copy" else SpliceWorker
 
     def _fork(self, body: Callable[[], int], keep: list[socket.socket], name: str) -> int:
         # Signals stay blocked across fork so that none reaches the child's copy of our handlers.

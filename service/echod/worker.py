@@ -880,3 +880,18 @@ class Worker:
         for fd, state in enumerate(self.table):
             if state is None or isinstance(state, Connection):
                 self._close(fd, "shutdown")
+
+
+def run_worker(
+    settings: Settings,
+    listeners: list[socket.socket],
+    row: memoryview,
+    master_pid: int,
+    proxied: frozenset[int] = frozenset(),
+) -> int:
+    """The body of a worker process: serve the slot's sockets until told to stop; the exit code."""
+    if settings.io_mode == "copy":
+        return Worker(settings, listeners, row, master_pid, proxied).run()
+    from .splice import SpliceWorker  # splice.py builds on this module
+
+    return SpliceWorker(settings, listeners, row, master_pid, proxied).run()
