@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pydantic.fields import FieldInfo
+
 from . import __version__, logs
 from .config import (
     EX_CONFIG,
@@ -30,7 +32,7 @@ EX_USAGE = 2
 EX_UNAVAILABLE = 69  # sysexits.h: cannot bind a listen address
 
 
-def _setting_flags() -> list[tuple[str, str, Any]]:
+def _setting_flags() -> list[tuple[str, str, FieldInfo]]:
     """(flag, dotted key, field info) for every setting: `metrics.listen` -> `--metrics-listen`."""
     return [("--" + key.replace(".", "-").replace("_", "-"), key, field) for key, field in setting_fields()]
 
@@ -50,15 +52,17 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=key, metavar="VALUE", help=help_text)
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    result: dict[str, object] = {}
+    sections: dict[str, dict[str, object]] = {}
     for _flag, key, _field in _setting_flags():
-        value = getattr(args, key, None)
+        value: object = getattr(args, key, None)
         if value is None:
             continue
         section, _, sub = key.partition(".")
         if sub:
-            result.setdefault(section, {})[sub] = value
+            result[section] = sections.setdefault(section, {})
+            sections[section][sub] = value
         else:
             result[key] = value
     return result

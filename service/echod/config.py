@@ -30,7 +30,7 @@ from pydantic_settings import (
 from .listeners import Address, parse_address
 
 DEFAULT_CONFIG_PATH = Path("/etc/echod/echod.toml")
-EX_CONFIG = 78  # sysexits.h EX_CONFIG, as SPEC.md demands
+EX_CONFIG = 78  # sysexits.h EX_CONFIG: invalid configuration (README, "Command line")
 MAX_WORKERS = 256
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -137,7 +137,7 @@ class Settings(BaseSettings):
         "udp_max_sources", mode="before",
     )  # fmt: skip
     @classmethod
-    def _not_bool(cls, value: Any) -> Any:
+    def _not_bool(cls, value: object) -> object:
         # Lax mode would read TOML `workers = true` as 1.
         if isinstance(value, bool):
             raise ValueError("expected a number, not a boolean")
@@ -145,7 +145,7 @@ class Settings(BaseSettings):
 
     @field_validator("listen", "udp_listen", mode="before")
     @classmethod
-    def _split_listen(cls, value: Any) -> Any:
+    def _split_listen(cls, value: object) -> object:
         # From the environment the list arrives as text: accept JSON or "a,b".
         if isinstance(value, str):
             text = value.strip()
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
 
     @field_validator("listeners", mode="before")
     @classmethod
-    def _decode_listeners(cls, value: Any) -> Any:
+    def _decode_listeners(cls, value: object) -> object:
         # From a flag or the environment the table arrives as JSON text.
         return json.loads(value) if isinstance(value, str) else value
 
@@ -302,8 +302,8 @@ def _check_environment(environ: Mapping[str, str]) -> None:
         raise ConfigError("\n".join(f"{key}: unknown environment variable" for key in unknown))
 
 
-def _in_file(values: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
-    node: Any = values
+def _in_file(values: Mapping[str, object], loc: tuple[int | str, ...]) -> bool:
+    node: object = values
     for part in loc:
         if not isinstance(node, Mapping) or part not in node:
             return False
@@ -316,7 +316,7 @@ def quote_key(part: str) -> str:
     return part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
 
 
-def _describe(exc: ValidationError, path: Path | None, file_values: Mapping[str, Any]) -> Iterator[str]:
+def _describe(exc: ValidationError, path: Path | None, file_values: Mapping[str, object]) -> Iterator[str]:
     for error in exc.errors(include_url=False):
         key = ".".join(quote_key(str(part)) for part in error["loc"]) or "(settings)"
         message = error["msg"].removeprefix("Value error, ")

@@ -53,7 +53,7 @@ class _JsonFormatter(logging.Formatter):
         return _JOURNAL_PRIORITY.get(record.levelno, "") + text if self.journal else text
 
 
-class _ReopenableHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _ReopenableHandler(logging.StreamHandler[TextIO]):
     """A handler on stderr or on a file that SIGUSR1 reopens (for logrotate)."""
 
     def __init__(self, path: str) -> None:

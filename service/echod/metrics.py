@@ -12,8 +12,8 @@ import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
-from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -159,13 +159,13 @@ def _gauge(name: str, documentation: str, value: float) -> Metric:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def make_app(collector: StatsCollector, master_pid: int) -> Callable[..., Iterable[bytes]]:
+def make_app(collector: StatsCollector, master_pid: int) -> WSGIApplication:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     ProcessCollector(namespace="echod_master", pid=lambda: master_pid, registry=registry)
-    metrics_app = make_wsgi_app(registry)
+    metrics_app: WSGIApplication = make_wsgi_app(registry)  # prometheus_client says only `Callable`
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             return metrics_app(environ, start_response)
@@ -182,7 +182,7 @@ def make_app(collector: StatsCollector, master_pid: int) -> Callable[..., Iterab
 class _QuietHandler(WSGIRequestHandler):
     timeout = HTTP_TIMEOUT
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
