@@ -8,6 +8,7 @@ key and the bad value; unknown commands and flags exit 2.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -18,6 +19,7 @@ import pytest
 from echod import __version__, config
 from echod.cli import main as cli_main
 from echod.config import ConfigError, load_settings
+from pydantic.fields import FieldInfo
 
 ECHOD = [sys.executable, "-m", "echod"]
 REPO = Path(__file__).resolve().parent.parent
@@ -591,6 +593,105 @@ def test_help_lists_setting_flags(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--config", "--workers", "--listen", "--idle-timeout", "--metrics-listen",
                  "--write-buffer-low", "--log-level", "--daemon-pidfile", "--heartbeat-timeout"):  # fmt: skip
         assert flag in out, flag
+
+
+# -- one text per setting: its Field description, shown by --help and held by config/echod.toml -------
+
+UNITS = {"SECONDS", "BYTES", "N", "HOST:PORT", "PATH", "USER", "GROUP", "JSON"}
+
+
+def squeezed(text: str) -> str:
+    """Without whitespace and case, so that argparse's and the file's line breaks do not matter."""
+    return "".join(text.split()).casefold()
+
+
+def flag_of(key: str) -> str:
+    return "--" + key.replace(".", "-").replace("_", "-")
+
+
+def every_setting() -> list[tuple[str, FieldInfo]]:
+    """Every setting with a flag, and the per-listener options (`listeners.*.proxy_protocol`)."""
+    options = [(f"listeners.*.{name}", field) for name, field in config.ListenerOptions.model_fields.items()]
+    return [*config.setting_fields(), *options]
+
+
+def spec_default(key: str) -> Any:
+    if key.startswith("listeners.*."):
+        return config.ListenerOptions.model_fields[key.rpartition(".")[2]].default
+    section, _, sub = key.partition(".")
+    return SPEC_DEFAULTS[section][sub] if sub else SPEC_DEFAULTS[key]
+
+
+def shown(value: Any) -> str:
+    """A default as the help text should name it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict) and not value:
+        return "none"
+    if isinstance(value, list):
+        return ", ".join(value)
+    return '""' if value == "" else str(value)
+
+
+def test_every_setting_has_a_description_naming_unit_and_default() -> None:
+    for key, field in every_setting():
+        assert field.description, f"{key} has no description"
+        assert "default" not in field.description, f"{key}: setting_help() adds the default, from the field"
+        help_text = config.setting_help(field)
+        assert help_text == f"{field.description} (default {shown(spec_default(key))})", key
+    for key, field in config.setting_fields():
+        metavar = config.setting_metavar(field)
+        assert metavar in UNITS or "|" in metavar, f"{key}: metavar {metavar!r}"
+        if key.endswith("_timeout"):
+            assert metavar == "SECONDS", key
+        if key.endswith(("_size", "_bytes")) or "buffer" in key:
+            assert metavar == "BYTES", key
+
+
+@pytest.mark.parametrize("command", ["run", "start", "check-config"])
+def test_help_explains_every_setting_flag(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli_main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "VALUE" not in text, "a flag whose metavar does not name its unit"
+    out = squeezed(text)
+    for key, field in config.setting_fields():
+        repeatable = "repeatable; " if key in ("listen", "udp_listen") else ""
+        line = f"{flag_of(key)} {config.setting_metavar(field)} {repeatable}{config.setting_help(field)}"
+        assert squeezed(line) in out, line
+
+
+def shipped_comments() -> dict[str, str]:
+    """The comment lines right above each key and table of config/echod.toml, by dotted key."""
+    comments: dict[str, str] = {}
+    block: list[str] = []
+    section = key = ""
+    for line in (REPO / "config" / "echod.toml").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            block.append(line.removeprefix("#"))
+            continue
+        if table := re.fullmatch(r"\[(\w+)\]", line):
+            section = key = table[1]
+        elif assignment := re.match(r"(\w+)\s*=", line):
+            key = f"{section}.{assignment[1]}" if section else assignment[1]
+        else:
+            key = ""
+        if key:
+            comments[key] = " ".join(block)
+        block = []
+    return comments
+
+
+def test_shipped_config_file_comments_hold_the_descriptions() -> None:
+    comments = shipped_comments()
+    for key, field in every_setting():
+        where = "listeners" if key.startswith("listeners.") else key
+        assert where in comments, f"config/echod.toml has no {where}"
+        assert squeezed(field.description or "") in squeezed(comments[where]), (
+            f"config/echod.toml: the comment above {where} lacks {key}'s description {field.description!r}"
+        )
 
 
 # -- load_settings in process ------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from .config import (
     load_settings,
     quote_key,
     setting_fields,
+    setting_help,
+    setting_metavar,
 )
 from .listeners import BindError
 
@@ -43,13 +45,13 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group("settings (override the file and the environment)")
     for flag, key, field in _setting_flags():
-        help_text = field.description or f"{key} (default {field.get_default(call_default_factory=True)!r})"
+        text = setting_help(field).replace("%", "%%")  # argparse %-formats help
         if key in ("listen", "udp_listen"):
             group.add_argument(
-                flag, dest=key, action="append", metavar="HOST:PORT", help="repeatable; " + help_text
+                flag, dest=key, action="append", metavar=setting_metavar(field), help="repeatable; " + text
             )
         else:
-            group.add_argument(flag, dest=key, metavar="VALUE", help=help_text)
+            group.add_argument(flag, dest=key, metavar=setting_metavar(field), help=text)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -13,8 +13,9 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -43,12 +44,36 @@ class ConfigError(Exception):
     """Invalid configuration; str() names the key, the value and the reason, one problem per line."""
 
 
+@dataclass(frozen=True)
+class Metavar:
+    """What `--help` calls a setting's value, naming its unit: `Annotated[float, Metavar("SECONDS")]`.
+
+    A setting whose type is a Literal needs none: its flag shows the choices (`copy|splice|auto`).
+    """
+
+    name: str
+
+
+Seconds = Metavar("SECONDS")
+Bytes = Metavar("BYTES")
+Count = Metavar("N")
+HostPort = Metavar("HOST:PORT")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Every setting's description says what it does and in which unit, never its default: setting_help()
+# appends that from the field itself. `echod run --help` shows these texts, and config/echod.toml's
+# comment above each key contains its text (tests/test_config.py holds both to it).
+
+
 class MetricsSettings(_Section):
-    listen: str = Field("127.0.0.1:9640", description='Prometheus endpoint; "" disables it')
+    listen: Annotated[str, HostPort] = Field(
+        default="127.0.0.1:9640",
+        description='address of the Prometheus /metrics and /healthz endpoint; "" disables both',
+    )
 
     @field_validator("listen")
     @classmethod
@@ -59,22 +84,38 @@ class MetricsSettings(_Section):
 
 
 class LogSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
-    file: str = Field("", description="empty = stderr")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="least severe messages logged"
+    )
+    format: Literal["text", "json"] = Field(
+        default="text", description="text lines, or json: one object per line"
+    )
+    file: Annotated[str, Metavar("PATH")] = Field(
+        default="",
+        description="file to append the log to, reopened on SIGUSR1 (logrotate); "
+        "empty = stderr, the journal under systemd",
+    )
 
 
 class DaemonSettings(_Section):
-    pidfile: str = "/run/echod/echod.pid"
-    user: str = ""
-    group: str = ""
+    pidfile: Annotated[str, Metavar("PATH")] = Field(
+        default="/run/echod/echod.pid",
+        description="pid file that start writes and stop, reload and status read",
+    )
+    user: Annotated[str, Metavar("USER")] = Field(
+        default="", description="account to switch to after binding; empty = stay as started"
+    )
+    group: Annotated[str, Metavar("GROUP")] = Field(
+        default="", description="group to switch to after binding; empty = stay as started"
+    )
 
 
 class ListenerOptions(_Section):
     proxy_protocol: bool = Field(
-        False,
+        default=False,
         strict=True,  # true or false, not "yes" or 1
-        description="connections start with a PROXY protocol v1 or v2 header (HAProxy send-proxy)",
+        description="connections start with a PROXY protocol v1 or v2 header (HAProxy send-proxy or "
+        "send-proxy-v2)",
     )
 
 
@@ -87,44 +128,113 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    listen: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:7007"], min_length=1)
-    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="0 = one per CPU")
-    backlog: int = Field(1024, ge=1, le=65535)
-    max_connections: int = Field(10000, ge=1, le=1_000_000, description="per worker")
-    read_size: int = Field(65536, ge=512, le=16 * 1024 * 1024)
-    write_buffer_high: int = Field(262144, ge=1, le=1 << 30)
-    write_buffer_low: int = Field(65536, ge=0, le=1 << 30)
-    max_buffered_bytes: int = Field(
-        64 * 1024 * 1024, ge=0, le=1 << 40, description="per worker, all connections' pending output; 0 = off"
+    listen: Annotated[list[str], NoDecode, HostPort] = Field(
+        default_factory=lambda: ["127.0.0.1:7007"],
+        min_length=1,
+        description="addresses to serve, each HOST:PORT or [V6ADDR]:PORT; "
+        "HOST is an IP address, * (all IPv4) or localhost",
     )
-    max_connections_per_ip: int = Field(0, ge=0, le=1_000_000, description="per worker; 0 = no limit")
-    idle_timeout: float = Field(300, ge=0, le=86400 * 365)
-    shutdown_timeout: float = Field(30, ge=0, le=86400)
-    heartbeat_timeout: float = Field(
-        10, ge=1, le=3600, description="extension: a worker silent this long is killed and replaced"
+    workers: Annotated[int, Count] = Field(
+        default=0,
+        ge=0,
+        le=MAX_WORKERS,
+        description=f"worker processes, at most {MAX_WORKERS}; 0 = one per CPU",
+    )
+    backlog: Annotated[int, Count] = Field(
+        default=1024,
+        ge=1,
+        le=65535,
+        description="listen backlog of each socket, capped by net.core.somaxconn",
+    )
+    max_connections: Annotated[int, Count] = Field(
+        default=10000,
+        ge=1,
+        le=1_000_000,
+        description="open connections per worker; one more is accepted and closed at once",
+    )
+    read_size: Annotated[int, Bytes] = Field(
+        default=65536, ge=512, le=16 * 1024 * 1024, description="bytes asked for per recv"
+    )
+    write_buffer_high: Annotated[int, Bytes] = Field(
+        default=262144,
+        ge=1,
+        le=1 << 30,
+        description="pending output bytes per connection at which echod stops reading from it",
+    )
+    write_buffer_low: Annotated[int, Bytes] = Field(
+        default=65536,
+        ge=0,
+        le=1 << 30,
+        description="pending output bytes per connection at which echod reads from it again; "
+        "below write_buffer_high",
+    )
+    max_buffered_bytes: Annotated[int, Bytes] = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        le=1 << 40,
+        description="budget for the pending output bytes of all connections of one worker; beyond it, "
+        "a connection that adds output stops reading; 0 = none beyond the watermarks",
+    )
+    max_connections_per_ip: Annotated[int, Count] = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="open connections per client address and worker; one more is accepted and closed "
+        "at once; 0 = no limit",
+    )
+    idle_timeout: Annotated[float, Seconds] = Field(
+        default=300,
+        ge=0,
+        le=86400 * 365,
+        description="close a connection after this many seconds without traffic; 0 = never",
+    )
+    shutdown_timeout: Annotated[float, Seconds] = Field(
+        default=30,
+        ge=0,
+        le=86400,
+        description="seconds that stop (SIGTERM) and reload wait for open connections to finish",
+    )
+    heartbeat_timeout: Annotated[float, Seconds] = Field(
+        default=10,
+        ge=1,
+        le=3600,
+        description="seconds a worker may go without a heartbeat from its event loop before the master "
+        "kills and replaces it",
     )
     io_mode: Literal["copy", "splice", "auto"] = Field(
-        "auto",
-        description='"splice": echo through pipes with splice(2); "auto": splice for large reads only',
+        default="auto",
+        description="how echo moves bytes: copy (through Python), splice (splice(2) through a pipe) or "
+        "auto: per connection, splice for large reads and copy for small ones",
     )
-    listeners: Annotated[dict[str, ListenerOptions], NoDecode] = Field(
+    listeners: Annotated[dict[str, ListenerOptions], NoDecode, Metavar("JSON")] = Field(
         default_factory=dict,
-        description='per-listen-address options, JSON: {"HOST:PORT": {"proxy_protocol": true}}',
+        description="options per listen address, in a flag or the environment as JSON: "
+        '{"HOST:PORT": {"proxy_protocol": true}}; each address must be one of listen',
     )
-    proxy_protocol_timeout: float = Field(
-        5, gt=0, le=3600, description="seconds a PROXY protocol listener waits for the header"
+    proxy_protocol_timeout: Annotated[float, Seconds] = Field(
+        default=5,
+        gt=0,
+        le=3600,
+        description="seconds a PROXY protocol listener waits for a connection's header before closing it",
     )
-    udp_listen: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="UDP echo addresses (off when empty)"
+    udp_listen: Annotated[list[str], NoDecode, HostPort] = Field(
+        default_factory=list, description="UDP echo addresses, same syntax as listen; none = no UDP echo"
     )
-    udp_rate_packets: float = Field(
-        100, ge=1, le=1e9, description="UDP datagrams per second answered per source address"
+    udp_rate_packets: Annotated[float, Count] = Field(
+        default=100, ge=1, le=1e9, description="UDP datagrams answered per second and source address"
     )
-    udp_rate_bytes: float = Field(
-        262144, gt=0, le=1e12, description="UDP bytes per second answered per source address"
+    udp_rate_bytes: Annotated[float, Bytes] = Field(
+        default=262144,
+        gt=0,
+        le=1e12,
+        description="UDP bytes answered per second and source address; a larger datagram is never answered",
     )
-    udp_max_sources: int = Field(
-        16384, ge=1, le=1_000_000, description="per worker: source addresses rate-limited at once"
+    udp_max_sources: Annotated[int, Count] = Field(
+        default=16384,
+        ge=1,
+        le=1_000_000,
+        description="source addresses rate-limited at once per worker; datagrams from further sources "
+        "are dropped",
     )
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
@@ -292,6 +402,35 @@ def setting_fields() -> Iterator[tuple[str, FieldInfo]]:
                 yield f"{name}.{sub}", subfield
         else:
             yield name, field
+
+
+def setting_metavar(field: FieldInfo) -> str:
+    """The name `--help` gives a setting's value: its Metavar, else its Literal choices (`text|json`)."""
+    for item in field.metadata:
+        if isinstance(item, Metavar):
+            return item.name
+    if get_origin(field.annotation) is Literal:
+        return "|".join(str(choice) for choice in get_args(field.annotation))
+    raise TypeError(f"setting of type {field.annotation} without a Metavar")
+
+
+def setting_default(field: FieldInfo) -> str:
+    """A setting's default as a flag would take it: `300`, `127.0.0.1:7007`, `""`, `none` (an empty list)."""
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict):
+        if not value:
+            return "none"
+        return ", ".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def setting_help(field: FieldInfo) -> str:
+    """A setting's description and default, as `echod run --help` shows them."""
+    return f"{field.description} (default {setting_default(field)})"
 
 
 def _check_environment(environ: Mapping[str, str]) -> None:
