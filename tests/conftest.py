@@ -229,6 +229,13 @@ def echod(tmp_path: Path) -> Iterator[DaemonFactory]:
         daemon.kill()
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test that spawns echod through the `echod` fixture must be marked integration, or the fast
+    `pytest -m "not integration"` run would start daemons; fail it, saying so, before it does."""
+    if "echod" in getattr(item, "fixturenames", ()) and item.get_closest_marker("integration") is None:
+        pytest.fail(f"{item.nodeid} uses the echod fixture: mark it @pytest.mark.integration", pytrace=False)
+
+
 def one_worker(daemon: Daemon, timeout: float = 10.0) -> int:
     workers = wait_for(lambda: daemon.workers(), timeout, "a worker process")
     assert isinstance(workers, list) and len(workers) == 1, workers

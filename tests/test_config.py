@@ -1,8 +1,10 @@
 """Configuration and command line: the real `python -m echod check-config`, plus `load_settings` itself.
 
-SPEC.md: sources are flags > ECHOD_* environment > TOML file > defaults; the file is --config, else
-$ECHOD_CONFIG, else /etc/echod/echod.toml; every invalid configuration exits 78 with a message naming the
-key and the bad value; unknown commands and flags exit 2.
+README.md, "Configuration" and "Command line": sources are flags > ECHOD_* environment > TOML file >
+defaults; the file is --config, else $ECHOD_CONFIG, else /etc/echod/echod.toml; every invalid configuration
+exits 78 with a message naming the key and the bad value; unknown commands and flags exit 2.
+
+The tests that run `python -m echod` as a process are marked integration; the rest call echod in process.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def names_key(stderr: str, key: str) -> bool:
 # -- defaults and the shipped file ----------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_defaults_match_spec(cli: Cli) -> None:
     values = cli.effective()
     assert values == SPEC_DEFAULTS
@@ -188,6 +191,7 @@ def test_defaults_match_spec(cli: Cli) -> None:
     assert isinstance(values["metrics"], dict)
 
 
+@pytest.mark.integration
 def test_shipped_config_file_equals_defaults(cli: Cli) -> None:
     shipped = REPO / "config" / "echod.toml"
     with_file = cli.run("check-config", "--config", str(shipped))
@@ -198,6 +202,7 @@ def test_shipped_config_file_equals_defaults(cli: Cli) -> None:
     assert tomllib.loads(with_file.stdout) == SPEC_DEFAULTS
 
 
+@pytest.mark.integration
 def test_shipped_config_file_documents_every_key(cli: Cli) -> None:
     with (REPO / "config" / "echod.toml").open("rb") as handle:
         shipped = tomllib.load(handle)
@@ -207,6 +212,7 @@ def test_shipped_config_file_documents_every_key(cli: Cli) -> None:
         assert shipped[section].keys() == effective[section].keys(), section
 
 
+@pytest.mark.integration
 def test_check_config_output_is_a_valid_config_file(cli: Cli) -> None:
     first = cli.run(
         "check-config", "--workers", "3", "--listen", "127.0.0.1:7101", "--listen", "[::1]:7102",
@@ -222,6 +228,7 @@ def test_check_config_output_is_a_valid_config_file(cli: Cli) -> None:
     assert values["idle_timeout"] == 2.5
 
 
+@pytest.mark.integration
 def test_check_config_output_is_toml_for_non_bmp_text(cli: Cli) -> None:
     # A path with a character outside the Basic Multilingual Plane must still come out as TOML.
     path = "/var/log/echod-\U0001f600.log"
@@ -245,6 +252,7 @@ level = "debug"
 """
 
 
+@pytest.mark.integration
 def test_file_overrides_defaults(cli: Cli) -> None:
     values = cli.effective(toml=FILE)
     assert values["workers"] == 7
@@ -255,6 +263,7 @@ def test_file_overrides_defaults(cli: Cli) -> None:
     assert values["backlog"] == 1024  # untouched keys keep their defaults
 
 
+@pytest.mark.integration
 def test_env_overrides_file(cli: Cli) -> None:
     values = cli.effective(toml=FILE, env={"ECHOD_WORKERS": "5", "ECHOD_IDLE_TIMEOUT": "9"})
     assert values["workers"] == 5
@@ -262,22 +271,26 @@ def test_env_overrides_file(cli: Cli) -> None:
     assert values["listen"] == ["127.0.0.1:7201"]
 
 
+@pytest.mark.integration
 def test_flag_overrides_env_and_file(cli: Cli) -> None:
     values = cli.effective("--workers", "3", toml=FILE, env={"ECHOD_WORKERS": "5"})
     assert values["workers"] == 3
 
 
+@pytest.mark.integration
 def test_nested_env_overrides_file(cli: Cli) -> None:
     values = cli.effective(toml=FILE, env={"ECHOD_METRICS__LISTEN": "127.0.0.1:7203"})
     assert values["metrics"]["listen"] == "127.0.0.1:7203"
 
 
+@pytest.mark.integration
 def test_nested_flag_overrides_nested_env(cli: Cli) -> None:
     env = {"ECHOD_METRICS__LISTEN": "127.0.0.1:7203"}
     values = cli.effective("--metrics-listen", "127.0.0.1:7204", toml=FILE, env=env)
     assert values["metrics"]["listen"] == "127.0.0.1:7204"
 
 
+@pytest.mark.integration
 def test_empty_metrics_listen_disables_metrics(cli: Cli) -> None:
     assert cli.effective("--metrics-listen", "", toml=FILE)["metrics"]["listen"] == ""
 
@@ -286,6 +299,7 @@ def test_empty_metrics_listen_from_env(inproc: InProcess) -> None:
     assert inproc.effective(toml=FILE, env={"ECHOD_METRICS__LISTEN": ""})["metrics"]["listen"] == ""
 
 
+@pytest.mark.integration
 def test_nested_sources_merge_key_by_key(cli: Cli) -> None:
     # file sets log.level, the environment log.format, a flag log.file: all three survive.
     values = cli.effective("--log-file", "/tmp/echod-test.log", toml=FILE, env={"ECHOD_LOG__FORMAT": "json"})
@@ -301,16 +315,19 @@ def test_several_flags_of_one_section(inproc: InProcess) -> None:
     assert values["daemon"] == {"pidfile": "/tmp/echod-test.pid", "user": "nobody", "group": ""}
 
 
+@pytest.mark.integration
 def test_env_listen_as_json(cli: Cli) -> None:
     env = {"ECHOD_LISTEN": '["127.0.0.1:7301", "[::1]:7302"]'}
     assert cli.effective(toml=FILE, env=env)["listen"] == ["127.0.0.1:7301", "[::1]:7302"]
 
 
+@pytest.mark.integration
 def test_env_listen_as_comma_list(cli: Cli) -> None:
     env = {"ECHOD_LISTEN": "127.0.0.1:7301, 127.0.0.1:7302"}
     assert cli.effective(toml=FILE, env=env)["listen"] == ["127.0.0.1:7301", "127.0.0.1:7302"]
 
 
+@pytest.mark.integration
 def test_listen_flags_override_env_and_file(cli: Cli) -> None:
     env = {"ECHOD_LISTEN": "127.0.0.1:7301"}
     values = cli.effective("--listen", "127.0.0.1:7401", "--listen", "[::1]:7402", toml=FILE, env=env)
@@ -320,16 +337,19 @@ def test_listen_flags_override_env_and_file(cli: Cli) -> None:
 # -- which file --------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_config_flag_beats_env_config(cli: Cli) -> None:
     flagged = cli.write("flagged.toml", "workers = 3\n")
     cli.config.write_text("workers = 5\n")
     assert cli.effective("--config", str(flagged))["workers"] == 3
 
 
+@pytest.mark.integration
 def test_env_config_is_used_without_flag(cli: Cli) -> None:
     assert cli.effective(toml="workers = 5\n")["workers"] == 5
 
 
+@pytest.mark.integration
 def test_config_flag_beats_missing_env_config(cli: Cli) -> None:
     flagged = cli.write("flagged.toml", "workers = 3\n")
     missing = cli.tmp / "missing.toml"
@@ -354,6 +374,7 @@ def test_config_path_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 # of further values call the same cli.main() in process, to keep the file fast.
 
 
+@pytest.mark.integration
 def test_named_config_file_missing(cli: Cli) -> None:
     missing = cli.tmp / "nope" / "echod.toml"
     stderr = cli.invalid("--config", str(missing))
@@ -361,6 +382,7 @@ def test_named_config_file_missing(cli: Cli) -> None:
     assert "does not exist" in stderr
 
 
+@pytest.mark.integration
 def test_env_config_file_missing(cli: Cli) -> None:
     missing = cli.tmp / "missing.toml"
     stderr = cli.invalid(env={"ECHOD_CONFIG": str(missing)})
@@ -368,30 +390,35 @@ def test_env_config_file_missing(cli: Cli) -> None:
     assert "does not exist" in stderr
 
 
+@pytest.mark.integration
 def test_broken_toml(cli: Cli) -> None:
     stderr = cli.invalid(toml="workers = [\n")
     assert str(cli.config) in stderr
     assert "TOML" in stderr
 
 
+@pytest.mark.integration
 def test_unknown_top_level_key(cli: Cli) -> None:
     stderr = cli.invalid(toml="workers = 2\nbogus_key = 1\n")
     assert names_key(stderr, "bogus_key")
     assert "unknown" in stderr
 
 
+@pytest.mark.integration
 def test_unknown_nested_key(cli: Cli) -> None:
     stderr = cli.invalid(toml="[metrics]\nfoo = 1\n")
     assert names_key(stderr, "metrics.foo")
     assert "unknown" in stderr
 
 
+@pytest.mark.integration
 def test_broken_env_workers(cli: Cli) -> None:
     stderr = cli.invalid(toml="workers = 4\n", env={"ECHOD_WORKERS": "many"})
     assert names_key(stderr, "workers")
     assert "many" in stderr
 
 
+@pytest.mark.integration
 def test_watermarks_out_of_order(cli: Cli) -> None:
     stderr = cli.invalid(toml="write_buffer_low = 100\nwrite_buffer_high = 100\n")
     assert "write_buffer_low" in stderr
@@ -418,6 +445,7 @@ CONTRACT_ERRORS = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("toml", "key", "value"), CONTRACT_ERRORS, ids=[f"{k}={v}" for _, k, v in CONTRACT_ERRORS]
 )
@@ -427,6 +455,7 @@ def test_invalid_value_exits_78(cli: Cli, toml: str, key: str, value: str) -> No
     assert value in stderr
 
 
+@pytest.mark.integration
 def test_boolean_is_not_an_integer(cli: Cli) -> None:
     # TOML has real booleans: `workers = true` is a type error, not one worker.
     stderr = cli.invalid(toml="workers = true\n")
@@ -434,12 +463,14 @@ def test_boolean_is_not_an_integer(cli: Cli) -> None:
     assert "True" in stderr or "true" in stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variable", ["ECHOD_METRICS__FOO", "ECHOD_BOGUS", "ECHOD_WORKER"])
 def test_unknown_env_variable_is_named(cli: Cli, variable: str) -> None:
     stderr = cli.invalid(env={variable: "1"})
     assert f"{variable}: unknown environment variable" in stderr, stderr
 
 
+@pytest.mark.integration
 def test_unknown_nested_env_key_is_not_blamed_on_the_file(cli: Cli) -> None:
     stderr = cli.invalid(env={"ECHOD_METRICS__FOO": "1"})
     assert "ECHOD_METRICS__FOO" in stderr
@@ -550,6 +581,7 @@ def test_every_bad_key_is_reported(inproc: InProcess) -> None:
 # -- command line usage --------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "args",
     [["frobnicate"], [], ["check-config", "--frobnicate"], ["status", "--workers", "3"]],
@@ -576,6 +608,7 @@ def test_more_usage_errors_exit_2(args: list[str], capsys: pytest.CaptureFixture
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_version(cli: Cli) -> None:
     with (REPO / "pyproject.toml").open("rb") as handle:
         version = tomllib.load(handle)["project"]["version"]

@@ -108,6 +108,7 @@ def echo_all(port: int, payloads: list[bytes], timeout: float = 20.0) -> list[by
         sel.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("model", "extra"),
     [(m, ()) for m in MODELS]
@@ -161,6 +162,7 @@ def open_and_echo(port: int, count: int) -> tuple[list[socket.socket], list[bool
     return socks, ok
 
 
+@pytest.mark.integration
 def test_select_refuses_descriptors_beyond_fd_setsize(tmp_path: Path, many_fds: None) -> None:
     with model_server(tmp_path, "select") as srv:
         socks, ok = open_and_echo(srv.port, BEYOND)
@@ -178,6 +180,7 @@ def test_select_refuses_descriptors_beyond_fd_setsize(tmp_path: Path, many_fds: 
                 sock.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["threads", "poll", "epoll_lt", "epoll_et"])
 def test_other_models_have_no_fd_setsize_cap(tmp_path: Path, many_fds: None, model: str) -> None:
     with model_server(tmp_path, model) as srv:
@@ -226,6 +229,7 @@ def starve(tmp_path: Path, model: str, *extra: str) -> dict[str, Any]:
         return flood_and_ping(srv.port, cpus[0], f"{model} {extra}")
 
 
+@pytest.mark.integration
 def test_edge_triggered_read_until_eagain_starves_other_connections(tmp_path: Path) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs: the flooder must out-run the server, pinned apart")

@@ -8,7 +8,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import ECHOD, echo_roundtrip, free_port, wait_for
+
+pytestmark = pytest.mark.integration  # every test runs the real echod
 
 
 def test_json_log_lines_are_objects(echod):

@@ -28,7 +28,8 @@ import pytest
 from conftest import Daemon, echo_roundtrip, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
+# Every test but the pure-logic ones is marked integration: it spawns echod or runs promtool.
 
 REPO = Path(__file__).resolve().parent.parent
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -283,6 +284,7 @@ def prom_get(port: int, path: str) -> dict[str, Any]:
 
 
 # -- /metrics format ----------------------------------------------------------------------------
+@pytest.mark.integration
 def test_promtool_check_metrics_fresh_and_after_traffic(echod):
     promtool = tool("promtool")
     daemon = echod(workers=2)
@@ -304,6 +306,7 @@ def test_promtool_check_metrics_fresh_and_after_traffic(echod):
     lint(scrape(daemon), "after traffic")
 
 
+@pytest.mark.integration
 def test_spec_metrics_have_their_type_and_labels(echod):
     daemon = echod(workers=2)
     clients = [daemon.connect() for _ in range(2)]
@@ -350,6 +353,7 @@ def test_spec_metrics_have_their_type_and_labels(echod):
 
 
 # -- counters -----------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_byte_and_connection_counters_equal_the_traffic(echod):
     daemon = echod(workers=2)
     watch = CounterWatch(daemon)
@@ -394,6 +398,7 @@ def test_byte_and_connection_counters_equal_the_traffic(echod):
     assert {key: final.get(key) for key in expected} == expected, brief(final)
 
 
+@pytest.mark.integration
 def test_counters_stay_monotonic_across_worker_kill_and_reload(echod):
     daemon = echod(workers=2)
     watch = CounterWatch(daemon)
@@ -461,6 +466,7 @@ def test_counters_stay_monotonic_across_worker_kill_and_reload(echod):
 
 
 # -- /healthz -----------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_healthz_follows_the_workers_heartbeat(echod):
     daemon = echod("--heartbeat-timeout", "60", workers=2)  # the master must not replace the stopped one
     status, body = daemon.http("/healthz")
@@ -482,6 +488,7 @@ def test_healthz_follows_the_workers_heartbeat(echod):
 
 
 # -- slow HTTP clients --------------------------------------------------------------------------
+@pytest.mark.integration
 def test_slow_http_client_does_not_block_metrics_or_echo(echod):
     daemon = echod(workers=2)
     assert daemon.metrics_port is not None
@@ -606,6 +613,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
         server.stop()
 
 
+@pytest.mark.integration
 def test_real_prometheus_scrapes_echod(echod, prometheus):
     daemon = echod(workers=2)
     server = prometheus(
@@ -665,6 +673,7 @@ def test_real_prometheus_scrapes_echod(echod, prometheus):
 
 
 # -- deploy/ files --------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_prometheus_config_is_valid_and_scrapes_echod():
     result = run_tool([tool("promtool"), "check", "config", str(PROM_CONFIG.relative_to(REPO))])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -676,6 +685,7 @@ def test_prometheus_config_is_valid_and_scrapes_echod():
     assert re.search(r"^\s*-\s*echod-rules\.yml\s*$", text, re.MULTILINE), text
 
 
+@pytest.mark.integration
 def test_rules_are_valid_and_complete():
     result = run_tool([tool("promtool"), "check", "rules", str(RULES.relative_to(REPO))])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -689,6 +699,7 @@ def test_rules_are_valid_and_complete():
                 assert needed in block, f"{block.splitlines()[0]} lacks {needed}"
 
 
+@pytest.mark.integration
 def test_rule_unit_tests_pass_and_cover_every_alert(tmp_path):
     promtool = tool("promtool")
     result = run_tool([promtool, "test", "rules", RULES_TEST.name], cwd=PROM_DIR)
@@ -715,6 +726,7 @@ def test_rule_unit_tests_pass_and_cover_every_alert(tmp_path):
         assert f"alertname: {name}" in mutated.stdout + mutated.stderr, mutated.stdout + mutated.stderr
 
 
+@pytest.mark.integration
 def test_dashboard_and_rules_use_only_exported_metrics(echod):
     dashboard = json.loads(DASHBOARD.read_text())
     daemon = echod(workers=2)

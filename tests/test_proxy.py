@@ -712,6 +712,7 @@ def check_config(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_check_config_accepts_a_proxy_listener(tmp_path: Path) -> None:
     result = check_config(
         tmp_path, "--listen", "127.0.0.1:7001", "--listen", "127.0.0.1:7002",
@@ -723,6 +724,7 @@ def test_check_config_accepts_a_proxy_listener(tmp_path: Path) -> None:
     assert effective["proxy_protocol_timeout"] == 2.5
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("listeners", "named"),
     [
@@ -754,6 +756,7 @@ def test_check_config_refuses_bad_listener_options(tmp_path: Path, listeners: st
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("timeout", ["0", "-1", "3601", "soon"])
 def test_check_config_refuses_a_bad_header_timeout(tmp_path: Path, timeout: str) -> None:
     result = check_config(tmp_path, "--listen", "127.0.0.1:7001", "--proxy-protocol-timeout", timeout)
@@ -761,6 +764,7 @@ def test_check_config_refuses_a_bad_header_timeout(tmp_path: Path, timeout: str)
     assert "proxy_protocol_timeout" in result.stderr, result.stderr
 
 
+@pytest.mark.integration
 def test_check_config_refuses_two_keys_for_one_address(tmp_path: Path) -> None:
     listeners = '{"localhost:7001": {"proxy_protocol": true}, "127.0.0.1:7001": {"proxy_protocol": false}}'
     result = check_config(tmp_path, "--listen", "127.0.0.1:7001", "--listeners", listeners)

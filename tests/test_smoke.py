@@ -1,4 +1,9 @@
+"""Smoke test: the real `echod run` echoes one byte."""
+
+import pytest
 from conftest import echo_roundtrip
+
+pytestmark = pytest.mark.integration
 
 
 def test_one_byte_echo(echod):
