@@ -28,8 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 EX_CONFIG = 78
 EX_USAGE = 2
 
-# The defaults as SPEC.md's table states them (heartbeat_timeout, max_buffered_bytes and
-# max_connections_per_ip are the README's extensions).
+# The defaults as the configuration table of README.md states them (extensions included).
 SPEC_DEFAULTS: dict[str, Any] = {
     "listen": ["127.0.0.1:7007"],
     "workers": 0,

@@ -2,7 +2,8 @@
 
 For every listen address the master binds one SO_REUSEPORT socket per worker slot. Worker *i* accepts
 on socket *i*; because the master keeps its copy open, a worker that exits or is replaced never makes
-the kernel drop the connections queued on that socket (nginx ticket #1300, gunicorn #3612).
+the kernel drop the connections queued on that socket (README.md, "Reloads, scaling and upgrades without
+a single lost connection").
 """
 
 from __future__ import annotations
