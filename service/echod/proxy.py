@@ -11,6 +11,7 @@ import ipaddress
 import re
 import socket
 import struct
+from typing import Protocol
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest valid v1 line, CRLF included (spec section 2.1)
@@ -106,6 +107,42 @@ def _parse_v2(data: bytes) -> tuple[int, Source] | None:
     source = str(ipaddress.ip_address(data[V2_FIXED : V2_FIXED + size]))
     (port,) = struct.unpack_from("!H", data, V2_FIXED + 2 * size)
     return total, (source, port)
+
+
+class HeaderEvents(Protocol):
+    """Who reads a connection's header (worker/proxied.py)."""
+
+    def on_header(self, fd: int, ev: int, state: AwaitingHeader) -> None: ...
+
+
+class AwaitingHeader:
+    """The PROXY header phase of one connection: the bytes so far, and when the header is overdue.
+
+    Nothing is echoed and no per-IP limit applies until the header is whole: it names the client.
+    """
+
+    __slots__ = ("data", "deadline", "events")
+
+    def __init__(self, events: HeaderEvents, deadline: float) -> None:
+        self.data = b""
+        self.deadline = deadline
+        self.events = events
+
+    def on_event(self, fd: int, ev: int) -> None:
+        self.events.on_header(fd, ev, self)
+
+    def feed(self, chunk: bytes) -> tuple[bytes, Source] | None:
+        """Add what the connection sent: (the bytes after the header, the client) once the header is
+        whole, None while it is not. Raises ProxyError for anything but a valid header; never holds
+        more than MAX_HEADER bytes (parse() refuses a longer one)."""
+        data = self.data + chunk
+        parsed = parse(data)
+        if parsed is None:
+            self.data = data
+            return None
+        length, source = parsed
+        self.data = b""
+        return data[length:], source
 
 
 def header_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:

@@ -93,6 +93,9 @@ class UdpEcho:
         self.counts = counts
         self.deny = deny  # source ports above 1023 never answered: our own UDP echo ports
 
+    def on_event(self, fd: int, ev: int) -> None:
+        self.serve()
+
     def serve(self) -> None:
         """Answer what is queued, up to BATCH datagrams (level-triggered: the rest comes next turn)."""
         recvfrom, sendto = self.sock.recvfrom, self.sock.sendto

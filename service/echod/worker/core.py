@@ -1,0 +1,129 @@
+"""The worker's per-fd table and the bookkeeping every connection shares: adopt, close, count.
+
+`table[fd]` is the state of descriptor `fd`, and its type routes the event (nginx's connection carries
+its own handlers the same way):
+
+- `None`: a plain connection whose echo went out whole. It has no object at all; the loop's fast path
+  (worker/loop.py) reads and writes it as a bare file descriptor.
+- a `Handler`: anything else (a connection with pending output, a listener, the signal pipe, a
+  handover channel, a connection awaiting its PROXY header), whose `on_event` handles the event.
+- `CLOSED`: nothing open on this fd any more; an event still queued for it in this turn is ignored.
+
+`table`, `last` and `spliced` are only ever changed in place: the fast path binds them once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from typing import Protocol
+
+from .. import stats
+from ..idle import IdleWheel
+from .output import Conn
+from .peers import Peers
+
+log = logging.getLogger("echod.worker")
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
+READING = EPOLLIN | EPOLLRDHUP
+INITIAL_FDS = 1024
+
+
+class Handler(Protocol):
+    """The state of a descriptor that is not a plain connection: it handles its own events."""
+
+    def on_event(self, fd: int, ev: int) -> None: ...
+
+
+class Closed:
+    """No connection on this fd."""
+
+    __slots__ = ()
+
+    def on_event(self, fd: int, ev: int) -> None:
+        pass
+
+
+CLOSED = Closed()
+
+
+class Core:
+    """The table and the counts; every part of the worker holds this one object."""
+
+    def __init__(self, epoll: select.epoll, read_size: int, budget: int, peers: Peers) -> None:
+        self.ep = epoll
+        self.read_size = read_size
+        self.budget = budget  # max_buffered_bytes: all connections' pending output; 0 = no limit
+        self.peers = peers
+        self.table: list[Handler | None] = [CLOSED] * INITIAL_FDS
+        self.last: list[int] = [0] * INITIAL_FDS  # tick of each connection's last traffic
+        # Splice (io_mode splice/auto): fd -> echoed through a pipe now; never set in copy mode.
+        self.splice_first = False
+        self.spliced: list[bool] = [False] * INITIAL_FDS
+        self.counts = [0] * stats.COUNTERS
+        self.tick = 0  # whole seconds of CLOCK_MONOTONIC, as of this loop turn
+        self.turn = 0  # loop turns so far
+        self.open = 0  # client connections
+        self.buffered = 0  # bytes of pending output, all connections
+        self.wheel: IdleWheel | None = None
+
+    def grow(self, fd: int) -> None:
+        if fd >= len(self.table):
+            extra = max(fd + 1, 2 * len(self.table)) - len(self.table)
+            self.table.extend([CLOSED] * extra)
+            self.last.extend([0] * extra)
+            self.spliced.extend([self.splice_first] * extra)
+
+    def watch(self, fd: int, state: Handler, events: int = EPOLLIN) -> None:
+        """Register a descriptor that is not a client connection (listener, pipe, channel)."""
+        self.grow(fd)
+        self.table[fd] = state
+        self.ep.register(fd, events)
+
+    def adopt(self, fd: int) -> None:
+        """Serve a connection: a fresh one from accept, or an established one handed to us."""
+        self.grow(fd)
+        self.table[fd] = None
+        self.last[fd] = self.tick
+        self.spliced[fd] = self.splice_first
+        self.ep.register(fd, READING)
+        if self.wheel is not None:
+            self.wheel.add(fd, self.tick)
+        self.open += 1
+
+    def over_budget(self) -> bool:
+        return 0 < self.budget < self.buffered
+
+    def release(self, fd: int) -> None:
+        """Forget `fd` (closed, or handed over): the table, the idle wheel and its client address."""
+        self.table[fd] = CLOSED
+        if self.wheel is not None:
+            self.wheel.remove(fd)
+        self.peers.forget(fd)
+
+    def close(self, fd: int, reason: str, error: OSError | None = None) -> None:
+        state = self.table[fd]
+        if isinstance(state, Conn):
+            pending = len(state)
+            if pending:
+                self.buffered -= pending
+                self.counts[stats.DROPPED_BYTES] += pending
+            state.release()
+        self.release(fd)
+        os.close(fd)  # also removes it from the epoll set: nothing else holds this file
+        self.open -= 1
+        self.counts[stats.CLOSE_REASONS[reason]] += 1
+        if error is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("connection closed on error: %s", error.strerror or error)
+
+    def fail(self, fd: int) -> None:
+        """EPOLLERR: the next read reports the real error (ECONNRESET, ETIMEDOUT...), as asyncio does."""
+        try:
+            os.read(fd, 1)
+            error: OSError | None = None
+        except OSError as exc:
+            error = exc
+        self.close(fd, "error", error)
