@@ -62,16 +62,17 @@ def spawn(
 ) -> tuple[int, int]:
     """Start the successor; returns (its pid, read end of its readiness pipe)."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    metrics_fd = metrics_sock.fileno() if metrics_sock is not None else None
     description = {
         "parent": os.getpid(),
         "groups": [([sock.fileno() for sock in socks], shared) for socks, shared in groups],
-        "metrics": metrics_sock.fileno() if metrics_sock is not None else None,
+        "metrics": metrics_fd,
         "ready": ready_w,
         "pidfile": pidfile_fd,
         "stats": stats_fd,
     }
     fds = [fd for socks, _ in groups for fd in (sock.fileno() for sock in socks)] + [ready_w, stats_fd]
-    fds += [fd for fd in (description["metrics"], pidfile_fd) if fd is not None]
+    fds += [fd for fd in (metrics_fd, pidfile_fd) if fd is not None]
     argv = [sys.executable, "-m", "echod", *successor_args(sys.argv[1:])]
     try:
         proc = subprocess.Popen(argv, pass_fds=fds, env={**os.environ, ENV: json.dumps(description)})
