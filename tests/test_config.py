@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from echod import __version__, config
+from echod import __version__, config, config_help, config_load
 from echod.cli import main as cli_main
-from echod.config import ConfigError, load_settings
+from echod.config import ConfigError
+from echod.config_load import load_settings
 from pydantic.fields import FieldInfo
 
 ECHOD = [sys.executable, "-m", "echod"]
@@ -358,14 +359,14 @@ def test_config_flag_beats_missing_env_config(cli: Cli) -> None:
 
 def test_config_path_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     system = tmp_path / "etc-echod.toml"
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", system)
-    assert config.config_path("/a.toml", {"ECHOD_CONFIG": "/b.toml"}) == Path("/a.toml")
-    assert config.config_path(None, {"ECHOD_CONFIG": "/b.toml"}) == Path("/b.toml")
-    assert config.config_path(None, {}) is None  # no system file: defaults alone
-    assert config.config_path(None, {"ECHOD_CONFIG": ""}) is None
+    monkeypatch.setattr(config_load, "DEFAULT_CONFIG_PATH", system)
+    assert config_load.config_path("/a.toml", {"ECHOD_CONFIG": "/b.toml"}) == Path("/a.toml")
+    assert config_load.config_path(None, {"ECHOD_CONFIG": "/b.toml"}) == Path("/b.toml")
+    assert config_load.config_path(None, {}) is None  # no system file: defaults alone
+    assert config_load.config_path(None, {"ECHOD_CONFIG": ""}) is None
     system.write_text("")
-    assert config.config_path(None, {}) == system
-    assert config.config_path(None, {"ECHOD_CONFIG": "/b.toml"}) == Path("/b.toml")
+    assert config_load.config_path(None, {}) == system
+    assert config_load.config_path(None, {"ECHOD_CONFIG": "/b.toml"}) == Path("/b.toml")
 
 
 # -- every invalid configuration exits 78 and says what is wrong ---------------------------------------
@@ -644,7 +645,7 @@ def flag_of(key: str) -> str:
 def every_setting() -> list[tuple[str, FieldInfo]]:
     """Every setting with a flag, and the per-listener options (`listeners.*.proxy_protocol`)."""
     options = [(f"listeners.*.{name}", field) for name, field in config.ListenerOptions.model_fields.items()]
-    return [*config.setting_fields(), *options]
+    return [*config_help.setting_fields(), *options]
 
 
 def spec_default(key: str) -> Any:
@@ -669,10 +670,10 @@ def test_every_setting_has_a_description_naming_unit_and_default() -> None:
     for key, field in every_setting():
         assert field.description, f"{key} has no description"
         assert "default" not in field.description, f"{key}: setting_help() adds the default, from the field"
-        help_text = config.setting_help(field)
+        help_text = config_help.setting_help(field)
         assert help_text == f"{field.description} (default {shown(spec_default(key))})", key
-    for key, field in config.setting_fields():
-        metavar = config.setting_metavar(field)
+    for key, field in config_help.setting_fields():
+        metavar = config_help.setting_metavar(field)
         assert metavar in UNITS or "|" in metavar, f"{key}: metavar {metavar!r}"
         if key.endswith("_timeout"):
             assert metavar == "SECONDS", key
@@ -688,9 +689,10 @@ def test_help_explains_every_setting_flag(command: str, capsys: pytest.CaptureFi
     text = capsys.readouterr().out
     assert "VALUE" not in text, "a flag whose metavar does not name its unit"
     out = squeezed(text)
-    for key, field in config.setting_fields():
+    for key, field in config_help.setting_fields():
         repeatable = "repeatable; " if key in ("listen", "udp_listen") else ""
-        line = f"{flag_of(key)} {config.setting_metavar(field)} {repeatable}{config.setting_help(field)}"
+        metavar, text = config_help.setting_metavar(field), config_help.setting_help(field)
+        line = f"{flag_of(key)} {metavar} {repeatable}{text}"
         assert squeezed(line) in out, line
 
 

@@ -1,7 +1,7 @@
 """Command line: `echod run | start | stop | reload | status | check-config`.
 
 One flag per setting is generated from the settings model (`metrics.listen` -> `--metrics-listen`), so
-a new key gets its flag for free and the names cannot drift from SPEC.md's rule.
+a new key gets its flag for free and the names cannot drift from the keys (README.md, "Configuration").
 """
 
 from __future__ import annotations
@@ -9,29 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from . import __version__, logs
-from .config import (
-    EX_CONFIG,
-    ConfigError,
-    Settings,
-    config_path,
-    load_settings,
-    quote_key,
-    setting_fields,
-    setting_help,
-    setting_metavar,
-)
-from .listeners import BindError
+from . import __version__, daemon
+from .config import ConfigError, Settings, quote_key
+from .config_help import setting_fields, setting_help, setting_metavar
+from .config_load import config_path, load_settings
+from .startup import config_failure
 
-EX_RUNTIME = 1
 EX_USAGE = 2
-EX_UNAVAILABLE = 69  # sysexits.h: cannot bind a listen address
 
 
 def _setting_flags() -> list[tuple[str, str, FieldInfo]]:
@@ -106,22 +95,23 @@ def load_from_args(args: argparse.Namespace) -> Callable[[], Settings]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {
+    handler: Callable[[argparse.Namespace], int] = {
         "run": cmd_run,
+        "start": cmd_start,
         "check-config": cmd_check_config,
-    }.get(args.command)
-    if handler is None:
-        from . import daemon
-
-        handler = getattr(daemon, "cmd_" + args.command.replace("-", "_"))
+        "stop": daemon.cmd_stop,
+        "reload": daemon.cmd_reload,
+        "status": daemon.cmd_status,
+    }[args.command]
     return handler(args)
 
 
-def config_failure(exc: ConfigError) -> int:
-    print("echod: invalid configuration:", file=sys.stderr)
-    for line in str(exc).split("\n"):
-        print(f"  {line}", file=sys.stderr)
-    return EX_CONFIG
+def cmd_run(args: argparse.Namespace) -> int:
+    return daemon.run(load_from_args(args))
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return daemon.start(load_from_args(args))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -149,94 +139,3 @@ def render_toml(values: dict[str, Any], prefix: str = "") -> str:
             lines += ["", f"[{table}]", *render_toml(value, table + ".").rstrip("\n").split("\n")]
     text = "\n".join(lines) + "\n"
     return text if prefix else text.lstrip("\n")
-
-
-def prepare(args: argparse.Namespace) -> tuple[Any, int]:
-    """Load, set up logging and bind everything; returns (ready-to-run master, 0) or (None, exit code)."""
-    from . import upgrade
-    from .listeners import ListenerSet, somaxconn, systemd_sockets
-    from .master import Master, bind_metrics
-
-    inherited = upgrade.take(os.environ)  # before the configuration rejects an unknown ECHOD_* name
-
-    load = load_from_args(args)
-    try:
-        settings = load()
-    except ConfigError as exc:
-        return None, config_failure(exc)
-    try:
-        logs.setup(settings.log.level, settings.log.format, settings.log.file)
-    except OSError as exc:
-        print(f"echod: invalid configuration:\n  log.file: cannot open {settings.log.file!r}: {exc.strerror}",
-              file=sys.stderr)  # fmt: skip
-        return None, EX_CONFIG
-    log = logs.logging.getLogger("echod")
-    limit = somaxconn()
-    if limit is not None and settings.backlog > limit:
-        log.warning("backlog %d is capped at net.core.somaxconn=%d", settings.backlog, limit)
-    listeners = ListenerSet(settings.backlog)
-    metrics_sock = None
-    try:
-        if inherited is not None:
-            metrics_sock = _adopt_inherited(inherited, listeners, settings)
-        activated = systemd_sockets(os.environ)
-        for sock in activated:
-            address = listeners.adopt([sock], shared=True)
-            log.info("using socket-activated listener %s (listen setting ignored)", address)
-        if not listeners.shared:
-            listeners.open(settings.all_addresses, settings.worker_count)
-        if metrics_sock is None:
-            metrics_sock = bind_metrics(settings.metrics.listen)
-    except BindError as exc:
-        listeners.close()
-        print(f"echod: {exc}", file=sys.stderr)
-        return None, EX_UNAVAILABLE
-    master = Master(settings, load, listeners, metrics_sock)
-    if inherited is not None:
-        master.predecessor_ready_fd = inherited.ready
-        master.pidfile_fd = inherited.pidfile
-        master.pidfile_inherited = inherited.pidfile is not None
-        master.predecessor_pid = os.getppid()
-        if not master.stats.adopt_predecessor(inherited.stats):
-            log.warning("upgrade: the old master's statistics have another layout; counters restart")
-    return master, 0
-
-
-def _adopt_inherited(inherited: Any, listeners: Any, settings: Settings) -> Any:
-    """Take over the sockets of the master we are upgrading; returns the metrics socket to keep."""
-    import socket
-
-    from .listeners import Address, parse_address
-
-    wanted = set(settings.all_addresses)
-    for fds, shared in inherited.groups:
-        socks = [socket.socket(fileno=fd) for fd in fds]
-        address = listeners.adopt(socks, shared)
-        if not shared and address not in wanted:  # dropped from the configuration meanwhile
-            listeners.close_address(address)
-    if inherited.metrics is None:
-        return None
-    sock = socket.socket(fileno=inherited.metrics)
-    host, port = sock.getsockname()[:2]
-    if settings.metrics.listen and parse_address(settings.metrics.listen) == Address(host, port, sock.family):
-        return sock
-    sock.close()
-    return None
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    master, code = prepare(args)
-    if master is None:
-        return code
-    from .daemon import drop_privileges
-
-    try:
-        drop_privileges(master.settings.daemon.user, master.settings.daemon.group)
-    except (OSError, KeyError) as exc:
-        print(f"echod: cannot drop privileges: {exc}", file=sys.stderr)
-        return EX_RUNTIME
-    try:
-        return master.run()
-    except Exception:
-        logs.logging.getLogger("echod").exception("master failed")
-        return EX_RUNTIME

@@ -1,7 +1,8 @@
-"""Configuration: defaults < TOML file < ECHOD_* environment < command-line flags.
+"""The configuration model: every setting, its type, limits and description, and their validation.
 
-One code path loads the configuration for `run`, `start`, `check-config` and every reload, so a
-reload can never accept what a start would refuse.
+Sources, in rising precedence: defaults < TOML file < ECHOD_* environment < command-line flags.
+Loading and error reports are config_load.py's; the `--help` texts built from the descriptions are
+config_help.py's.
 """
 
 from __future__ import annotations
@@ -10,25 +11,42 @@ import dataclasses
 import json
 import os
 import re
-import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    SettingsError,
     TomlConfigSettingsSource,
 )
 
+from .config_sections import (
+    Bytes,
+    Count,
+    DaemonSettings,
+    HostPort,
+    ListenerOptions,
+    LogSettings,
+    Metavar,
+    MetricsSettings,
+    Seconds,
+)
 from .listeners import Address, parse_address
+
+__all__ = [  # the sections are part of the model: `config.ListenerOptions` and the like
+    "DaemonSettings",
+    "ListenerOptions",
+    "LogSettings",
+    "Metavar",
+    "MetricsSettings",
+    "Settings",
+]
 
 DEFAULT_CONFIG_PATH = Path("/etc/echod/echod.toml")
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: invalid configuration (README, "Command line")
@@ -42,81 +60,6 @@ _toml_path: ContextVar[Path | None] = ContextVar("_toml_path", default=None)
 
 class ConfigError(Exception):
     """Invalid configuration; str() names the key, the value and the reason, one problem per line."""
-
-
-@dataclass(frozen=True)
-class Metavar:
-    """What `--help` calls a setting's value, naming its unit: `Annotated[float, Metavar("SECONDS")]`.
-
-    A setting whose type is a Literal needs none: its flag shows the choices (`copy|splice|auto`).
-    """
-
-    name: str
-
-
-Seconds = Metavar("SECONDS")
-Bytes = Metavar("BYTES")
-Count = Metavar("N")
-HostPort = Metavar("HOST:PORT")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# Every setting's description says what it does and in which unit, never its default: setting_help()
-# appends that from the field itself. `echod run --help` shows these texts, and config/echod.toml's
-# comment above each key contains its text (tests/test_config.py holds both to it).
-
-
-class MetricsSettings(_Section):
-    listen: Annotated[str, HostPort] = Field(
-        default="127.0.0.1:9640",
-        description='address of the Prometheus /metrics and /healthz endpoint; "" disables both',
-    )
-
-    @field_validator("listen")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        if value:
-            parse_address(value)
-        return value
-
-
-class LogSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="least severe messages logged"
-    )
-    format: Literal["text", "json"] = Field(
-        default="text", description="text lines, or json: one object per line"
-    )
-    file: Annotated[str, Metavar("PATH")] = Field(
-        default="",
-        description="file to append the log to, reopened on SIGUSR1 (logrotate); "
-        "empty = stderr, the journal under systemd",
-    )
-
-
-class DaemonSettings(_Section):
-    pidfile: Annotated[str, Metavar("PATH")] = Field(
-        default="/run/echod/echod.pid",
-        description="pid file that start writes and stop, reload and status read",
-    )
-    user: Annotated[str, Metavar("USER")] = Field(
-        default="", description="account to switch to after binding; empty = stay as started"
-    )
-    group: Annotated[str, Metavar("GROUP")] = Field(
-        default="", description="group to switch to after binding; empty = stay as started"
-    )
-
-
-class ListenerOptions(_Section):
-    proxy_protocol: bool = Field(
-        default=False,
-        strict=True,  # true or false, not "yes" or 1
-        description="connections start with a PROXY protocol v1 or v2 header (HAProxy send-proxy or "
-        "send-proxy-v2)",
-    )
 
 
 class Settings(BaseSettings):
@@ -354,115 +297,16 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json")
 
 
-def config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
-    """The file to read: --config, else $ECHOD_CONFIG, else /etc/echod/echod.toml if present."""
-    if explicit:
-        return Path(explicit)
-    if environ.get("ECHOD_CONFIG"):
-        return Path(environ["ECHOD_CONFIG"])
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
-
-
-def load_settings(overrides: Mapping[str, Any] | None = None, path: Path | None = None) -> Settings:
-    """Build and validate the settings, or raise ConfigError naming every bad key."""
-    file_values = _read_file(path) if path is not None else {}
-    _check_environment(os.environ)
-    token = _toml_path.set(path)
-    try:
-        return Settings(**dict(overrides or {}))
-    except ValidationError as exc:
-        raise ConfigError("\n".join(_describe(exc, path, file_values))) from None
-    except SettingsError as exc:
-        raise ConfigError(f"environment: {exc.__cause__ or exc}") from None
-    finally:
-        _toml_path.reset(token)
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    # pydantic-settings silently ignores a missing TOML file and lets TOMLDecodeError escape.
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:  # tomllib decodes the bytes itself; TOML files must be UTF-8
-        raise ConfigError(f"{path}: invalid TOML: not UTF-8 (byte {exc.start}: {exc.reason})") from None
-
-
-def setting_fields() -> Iterator[tuple[str, FieldInfo]]:
-    """Every setting as (dotted key, field), the sections' keys flattened: `metrics.listen`."""
-    for name, field in Settings.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for sub, subfield in annotation.model_fields.items():
-                yield f"{name}.{sub}", subfield
-        else:
-            yield name, field
-
-
-def setting_metavar(field: FieldInfo) -> str:
-    """The name `--help` gives a setting's value: its Metavar, else its Literal choices (`text|json`)."""
-    for item in field.metadata:
-        if isinstance(item, Metavar):
-            return item.name
-    if get_origin(field.annotation) is Literal:
-        return "|".join(str(choice) for choice in get_args(field.annotation))
-    raise TypeError(f"setting of type {field.annotation} without a Metavar")
-
-
-def setting_default(field: FieldInfo) -> str:
-    """A setting's default as a flag would take it: `300`, `127.0.0.1:7007`, `""`, `none` (an empty list)."""
-    value = field.get_default(call_default_factory=True)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | dict):
-        if not value:
-            return "none"
-        return ", ".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
-    if value == "":
-        return '""'
-    return str(value)
-
-
-def setting_help(field: FieldInfo) -> str:
-    """A setting's description and default, as `echod run --help` shows them."""
-    return f"{field.description} (default {setting_default(field)})"
-
-
-def _check_environment(environ: Mapping[str, str]) -> None:
-    """A misspelt ECHOD_* variable is an error, as a misspelt key in the file is."""
-    known = {"ECHOD_CONFIG"} | {"ECHOD_" + key.upper().replace(".", "__") for key, _ in setting_fields()}
-    unknown = sorted(key for key in environ if key.upper().startswith("ECHOD_") and key.upper() not in known)
-    if unknown:
-        raise ConfigError("\n".join(f"{key}: unknown environment variable" for key in unknown))
-
-
-def _in_file(values: Mapping[str, object], loc: tuple[int | str, ...]) -> bool:
-    node: object = values
-    for part in loc:
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def quote_key(part: str) -> str:
     # Bare keys as written in TOML; anything else quoted, so that "" or a key with a newline shows.
     return part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
 
 
-def _describe(exc: ValidationError, path: Path | None, file_values: Mapping[str, object]) -> Iterator[str]:
-    for error in exc.errors(include_url=False):
-        key = ".".join(quote_key(str(part)) for part in error["loc"]) or "(settings)"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            where = f" in {path}" if path and _in_file(file_values, error["loc"]) else ""
-            yield f"{key}: unknown key{where}"
-        elif error["loc"]:
-            yield f"{key}: invalid value {error['input']!r}: {message}"
-        else:
-            yield message
+@contextmanager
+def reading(path: Path | None) -> Iterator[None]:
+    """Within this block, Settings() reads `path` as its TOML file (config_load.load_settings)."""
+    token = _toml_path.set(path)
+    try:
+        yield
+    finally:
+        _toml_path.reset(token)

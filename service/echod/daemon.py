@@ -3,6 +3,7 @@
 `start` binds everything in the launching process (so "address in use" is reported there), then forks a
 child that daemonizes with python-daemon. The daemon reports over a pipe once every worker accepts, or
 why it could not start, and `start` exits with that result: it never returns 0 for a daemon that died.
+`run` is the same without the detaching: what systemd starts.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import argparse
 import contextlib
 import fcntl
 import grp
+import logging
 import os
 import pwd
 import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import logs
-from .config import ConfigError, config_path, load_settings
+from .config import ConfigError, Settings
+from .config_load import config_path, load_settings
+from .startup import Prepared, build_master, config_failure, prepare
 
 EX_RUNTIME = 1
 READY_TIMEOUT = 60.0
@@ -119,8 +124,6 @@ def _pidfile_path(args: argparse.Namespace) -> Path:
     """--pidfile, else daemon.pidfile of the configuration (exits 78 if that is invalid)."""
     if args.pidfile:
         return Path(args.pidfile)
-    from .cli import config_failure
-
     try:
         settings = load_settings({}, config_path(args.config, os.environ))
     except ConfigError as exc:
@@ -167,26 +170,44 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    from .cli import load_from_args, prepare
-
+def run(load: Callable[[], Settings]) -> int:
+    """`echod run`: the master in the foreground."""
+    prepared = prepare(load)
+    if not isinstance(prepared, Prepared):
+        return prepared
+    master = build_master(prepared)
+    settings = prepared.settings
     try:
-        settings = load_from_args(args)()
+        drop_privileges(settings.daemon.user, settings.daemon.group)
+    except (OSError, KeyError) as exc:
+        print(f"echod: cannot drop privileges: {exc}", file=sys.stderr)
+        return EX_RUNTIME
+    try:
+        return master.run()
+    except Exception:
+        logging.getLogger("echod").exception("master failed")
+        return EX_RUNTIME
+
+
+def start(load: Callable[[], Settings]) -> int:
+    """`echod start`: daemonize; return once accepting connections."""
+    try:
+        settings = load()
     except ConfigError:
         settings = None  # prepare() reports it with the right exit code
     if settings is not None and (pid := running_pid(Path(settings.daemon.pidfile))) is not None:
         print(f"echod: already running (pid {pid}, pidfile {settings.daemon.pidfile})", file=sys.stderr)
         return EX_RUNTIME
-    master, code = prepare(args)
-    if master is None:
-        return code
+    prepared = prepare(load)
+    if not isinstance(prepared, Prepared):
+        return prepared
     ready_r, ready_w = os.pipe()
     if os.fork():
         os.close(ready_w)
-        master.listeners.close()
+        prepared.listeners.close()
         return _await_ready(ready_r)
     os.close(ready_r)
-    os._exit(_daemon_main(master, ready_w))
+    os._exit(_daemon_main(prepared, ready_w))
 
 
 def _await_ready(ready_r: int, timeout: float = READY_TIMEOUT) -> int:
@@ -215,16 +236,11 @@ def _await_ready(ready_r: int, timeout: float = READY_TIMEOUT) -> int:
     return EX_RUNTIME
 
 
-def _daemon_main(master: object, ready_w: int) -> int:
-    import daemon  # python-daemon
+def _daemon_main(prepared: Prepared, ready_w: int) -> int:
+    import daemon  # python-daemon: untyped, see [[tool.mypy.overrides]] in pyproject.toml
 
-    from .master import Master
-
-    assert isinstance(master, Master)
-    settings = master.settings
-    keep = [*master.listeners.filenos(), ready_w, master.stats.fd]  # stats: an upgrade hands it on
-    if master.metrics_sock is not None:
-        keep.append(master.metrics_sock.fileno())
+    settings = prepared.settings
+    keep = [*prepared.filenos(), ready_w]
 
     unsaid = [ready_w]  # the launcher hears one word; the fd number may be reused after that
 
@@ -239,7 +255,6 @@ def _daemon_main(master: object, ready_w: int) -> int:
         finally:
             os.close(fd)
 
-    master.on_ready = lambda: report("ready")
     pidfile = PidFile(settings.daemon.pidfile)
     context = daemon.DaemonContext(
         files_preserve=keep,
@@ -253,7 +268,8 @@ def _daemon_main(master: object, ready_w: int) -> int:
     logs.detach()  # python-daemon closes every descriptor; ours must not be reused behind our back
     try:
         context.open()
-        master.pidfile_fd = pidfile.fd
+        # Built here, not before the fork: only now are its pid and the pidfile's descriptor known.
+        master = build_master(prepared, pidfile_fd=pidfile.fd, on_ready=lambda: report("ready"))
         logs.setup(settings.log.level, settings.log.format, settings.log.file)
         drop_privileges(settings.daemon.user, settings.daemon.group)
     except (AlreadyRunning, OSError, KeyError) as exc:
@@ -268,5 +284,5 @@ def _daemon_main(master: object, ready_w: int) -> int:
         report(f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        pidfile.handed_over = master.successor is not None and master.pidfile_fd is None
+        pidfile.handed_over = master.upgrader.handed_over
         context.close()  # removes the pidfile; os._exit() below would skip python-daemon's atexit hook
