@@ -29,6 +29,7 @@ system-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
+	$(BIN)/mypy
 
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest tests
