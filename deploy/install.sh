@@ -16,13 +16,16 @@
 #   deploy/install.sh --uninstall --purge remove the configuration too
 #
 # Environment: PREFIX, CONFDIR, UNITDIR, LOGROTATEDIR as above; PYTHON (default python3, 3.11+) creates
-# the venv; ordinary PIP_* variables (PIP_INDEX_URL, PIP_NO_INDEX, PIP_FIND_LINKS ...) reach pip.
+# the venv, and must not live under /root or /home (ProtectHome=yes hides them from the unit; an unset
+# PYTHON then falls back to /usr/bin/python3); ordinary PIP_* variables (PIP_INDEX_URL, PIP_NO_INDEX,
+# PIP_FIND_LINKS ...) reach pip.
 set -eu
 
 PREFIX=${PREFIX:-/opt/echod}
 CONFDIR=${CONFDIR:-/etc/echod}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 LOGROTATEDIR=${LOGROTATEDIR:-/etc/logrotate.d}
+PYTHON_SET=${PYTHON:+yes}
 PYTHON=${PYTHON:-python3}
 SYSTEM_UNITDIR=/etc/systemd/system
 
@@ -128,14 +131,35 @@ fi
 
 [ -f "$SRC/pyproject.toml" ] && [ -d "$SRC/service/echod" ] || die "$SRC is not an echod checkout"
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (set PYTHON=/path/to/python3.11+)"
-# The venv links to its base interpreter: echod.service (DynamicUser=yes, ProtectHome=yes) cannot run
-# one under /root or /home (pyenv, say), nor can an `echod start` that drops to daemon.user.
-base=$("$PYTHON" -c 'import sys; print(sys.base_prefix)')
-case $base in
-    /root | /root/* | /home/*)
-        say "warning: $PYTHON is in $base, which echod.service cannot reach (ProtectHome=yes);" \
-            "use a system interpreter, e.g. PYTHON=/usr/bin/python3" ;;
-esac
+# The venv links to its base interpreter, which echod.service must be able to execute: with
+# ProtectHome=yes (and DynamicUser=yes) nothing under /root or /home exists for it, so a venv made from
+# a pyenv Python, say, fails every start with status=203/EXEC (so would an `echod start` that drops to
+# daemon.user). An unset PYTHON falls back to the system's /usr/bin/python3; an explicit one is refused.
+hidden_home() {
+    for path in $("$1" -c 'import os, sys; print(sys.base_prefix, os.path.realpath(sys.executable))'); do
+        case $path in /root | /root/* | /home | /home/*) echo "$path"; return ;; esac
+    done
+}
+usable() {
+    "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+hidden=$(hidden_home "$PYTHON")
+if [ -n "$hidden" ]; then
+    why="$PYTHON is $hidden, under /root or /home, which echod.service cannot see (ProtectHome=yes): the unit would fail with status=203/EXEC"
+    if [ -z "${PYTHON_SET:-}" ] && [ -x /usr/bin/python3 ] && usable /usr/bin/python3 &&
+        [ -z "$(hidden_home /usr/bin/python3)" ]; then
+        say "$why; using /usr/bin/python3 instead"
+        PYTHON=/usr/bin/python3
+    else
+        die "$why; use a system interpreter (3.11+ with venv), e.g. PYTHON=/usr/bin/python3 $0"
+    fi
+fi
+usable "$PYTHON" || die "$PYTHON is not Python 3.11+ with the venv module (Debian: apt install python3-venv)"
+# A venv left by an older install from such an interpreter is rebuilt.
+if [ -x "$VENV/bin/python" ] && [ -n "$(hidden_home "$VENV/bin/python")" ]; then
+    rm -rf "$VENV"
+    say "removed: $VENV (its interpreter is under /root or /home)"
+fi
 
 # 1. The virtual environment and the package.
 if [ ! -x "$VENV/bin/python" ]; then

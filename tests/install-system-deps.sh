@@ -8,6 +8,11 @@ command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 command -v haproxy >/dev/null 2>&1 || need="$need haproxy"
 command -v systemd-socket-activate >/dev/null 2>&1 || need="$need systemd"
 command -v logrotate >/dev/null 2>&1 || need="$need logrotate"
+# tests/test_systemd.py boots a real systemd in a container and installs echod there with Debian's
+# own /usr/bin/python3 (which needs its venv module).
+command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
+command -v nsenter >/dev/null 2>&1 || need="$need util-linux"
+/usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need="$need python3-venv"
 [ -z "$need" ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -68,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("start", "daemonize; return once accepting connections"),
         ("check-config", "validate the configuration and print the effective settings"),
     ):
-        _add_setting_options(commands.add_parser(name, help=help_text))
+        sub = commands.add_parser(name, help=help_text)
+        _add_setting_options(sub)
+        if name == "check-config":  # the unit's ExecStartPre/ExecReload: nothing in the journal when valid
+            sub.add_argument(
+                "-q",
+                "--quiet",
+                action="store_true",
+                help="print nothing when the configuration is valid (errors still go to stderr)",
+            )
     for name, help_text in (
         ("stop", "stop the daemon named by the pidfile and wait for it"),
         ("reload", "send SIGHUP to the daemon"),
@@ -119,7 +127,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         settings = load_from_args(args)()
     except ConfigError as exc:
         return config_failure(exc)
-    print(render_toml(settings.effective()), end="")
+    if not args.quiet:
+        print(render_toml(settings.effective()), end="")
     return 0
 
 
