@@ -14,8 +14,25 @@ def _address() -> str | None:
     return "\0" + path[1:] if path.startswith("@") else path  # "@" = abstract namespace
 
 
+# In-place upgrade under systemd with NotifyAccess=main: systemd accepts messages from its main process
+# only. A new master is not that process until the old one has named it (MAINPID=): until then it holds
+# its messages back (release() sends the latest at once); the old master, once it has named its
+# successor, says nothing more. Either would otherwise be refused, each time with a warning in the
+# journal ("reception only permitted for main PID").
+_held = False
+_silenced = False
+_latest_held: tuple[str, ...] = ()
+
+
 def notify(*lines: str) -> bool:
     """Send `KEY=value` lines as one message; returns False when there is no one to tell."""
+    global _latest_held
+    if _silenced:
+        return False
+    if _held:
+        if any(not line.startswith("WATCHDOG=") for line in lines):
+            _latest_held = lines
+        return False
     address = _address()
     if address is None:
         return False
@@ -59,3 +76,30 @@ def watchdog_interval() -> float | None:
 
 def watchdog() -> bool:
     return notify("WATCHDOG=1")
+
+
+def hold() -> None:
+    """New master of an in-place upgrade: keep messages back until the old master has named us."""
+    global _held
+    _held = True
+
+
+def release() -> bool:
+    """We are systemd's main process now: send the latest held message, and a watchdog ping (the
+    old master's last one may be most of WatchdogSec= ago)."""
+    global _held, _latest_held
+    if not _held:
+        return False
+    _held = False
+    lines, _latest_held = _latest_held, ()
+    if watchdog_interval() is not None:
+        lines = (*lines, "WATCHDOG=1")
+    return notify(*lines) if lines else False
+
+
+def hand_over(pid: int, status: str) -> bool:
+    """Old master of an in-place upgrade: name the new master systemd's main process, then fall silent."""
+    global _silenced
+    sent = notify(f"MAINPID={pid}", "READY=1", f"STATUS={status}")
+    _silenced = True
+    return sent

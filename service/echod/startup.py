@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import logs, notify, upgrade
+from . import inherit, logs, notify, upgrade
 from .config import EX_CONFIG, MAX_WORKERS, ConfigError, Settings
 from .listeners import BindError, ListenerSet, somaxconn, systemd_sockets
 from .master import Master
@@ -44,7 +44,7 @@ class Prepared:
     listeners: ListenerSet
     metrics_sock: socket.socket | None
     stats: Stats
-    inherited: upgrade.Inherited | None  # we are an in-place upgrade's new master
+    inherited: inherit.Inherited | None  # we are an in-place upgrade's new master
     predecessor: upgrade.Predecessor | None
     watchdog_every: float | None
 
@@ -58,7 +58,7 @@ class Prepared:
 
 def prepare(load: Callable[[], Settings]) -> Prepared | int:
     """Load, set up logging and bind everything; returns what the master is built from, or an exit code."""
-    inherited = upgrade.take(os.environ)  # before the configuration rejects an unknown ECHOD_* name
+    inherited = inherit.take(os.environ)  # before the configuration rejects an unknown ECHOD_* name
 
     try:
         settings = load()

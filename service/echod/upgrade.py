@@ -1,109 +1,33 @@
 """In-place upgrade (SIGUSR2 to the master): re-execute the installed echod, handing it the sockets.
 
-The old master starts `python -m echod run <its own options>` with every listening socket, the metrics
-socket and the pidfile lock passed as inherited file descriptors (described in $ECHOD_INHERIT), and a
-pipe on which the new master says "ready <worker pids>". Only then does the old master retire its
-workers and exit; if the new master fails, the old one never stopped serving. No listening socket is
-ever closed, so not a single connection is refused.
+The old master starts a new one with every socket passed on (inherit.py says how), and waits for its
+word that its workers accept. Only then does the old master retire its workers and exit; if the new
+master fails, the old one never stopped serving. No listening socket is ever closed, so not a single
+connection is refused.
 
 Both sides live here: the old master's (`Upgrader.start`, `Upgrader.poll`, handing the pidfile on) and
-the new master's (`take`, `adopt`, `Predecessor`, writing the pidfile it took over).
+the new master's (`adopt`, `Predecessor`, writing the pidfile it took over); the wire between them
+(the description of what is inherited, starting the new master, the ready/main exchange) is inherit.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from . import notify
 from .config import Settings
+from .inherit import Inherited, acknowledge, exited, report_ready, spawn
 from .listeners import Address, ListenerSet, parse_address
 from .process import READY_TIMEOUT
 from .stats import Stats
 
 log = logging.getLogger("echod.master")  # tests grep `echod.master[PID]: upgrade: started new master N`
 startup_log = logging.getLogger("echod")  # what the new master says while it starts (as startup.py)
-
-ENV = "ECHOD_INHERIT"
-
-
-@dataclass
-class Inherited:
-    groups: list[tuple[list[int], bool]]  # listening fds per address in slot order; shared (activated)?
-    metrics: int | None
-    ready: int
-    pidfile: int | None
-    stats: int  # the old master's statistics table, so that no counter restarts from zero
-
-
-def take(environ: MutableMapping[str, str]) -> Inherited | None:
-    """The sockets our parent master handed us, if this process is its successor."""
-    text = environ.pop(ENV, "")
-    if not text:
-        return None
-    data = json.loads(text)
-    if data["parent"] != os.getppid():  # a stale variable, not meant for us
-        return None
-    return Inherited(
-        groups=[(fds, shared) for fds, shared in data["groups"]],
-        metrics=data["metrics"],
-        ready=data["ready"],
-        pidfile=data["pidfile"],
-        stats=data["stats"],
-    )
-
-
-def successor_args(argv: list[str]) -> list[str]:
-    """Our own command line, as `run`: the successor is already detached if we were."""
-    args = list(argv)
-    if args and args[0] == "start":
-        args[0] = "run"
-    return args
-
-
-def spawn(
-    groups: list[tuple[list[socket.socket], bool]],
-    metrics_sock: socket.socket | None,
-    pidfile_fd: int | None,
-    stats_fd: int,
-) -> tuple[int, int]:
-    """Start the successor; returns (its pid, read end of its readiness pipe)."""
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    metrics_fd = metrics_sock.fileno() if metrics_sock is not None else None
-    description = {
-        "parent": os.getpid(),
-        "groups": [([sock.fileno() for sock in socks], shared) for socks, shared in groups],
-        "metrics": metrics_fd,
-        "ready": ready_w,
-        "pidfile": pidfile_fd,
-        "stats": stats_fd,
-    }
-    fds = [fd for socks, _ in groups for fd in (sock.fileno() for sock in socks)] + [ready_w, stats_fd]
-    fds += [fd for fd in (metrics_fd, pidfile_fd) if fd is not None]
-    argv = [sys.executable, "-m", "echod", *successor_args(sys.argv[1:])]
-    try:
-        proc = subprocess.Popen(argv, pass_fds=fds, env={**os.environ, ENV: json.dumps(description)})
-    finally:
-        os.close(ready_w)
-    os.set_blocking(ready_r, False)
-    return proc.pid, ready_r
-
-
-def report_ready(fd: int, worker_pids: list[int]) -> None:
-    """Successor side: tell the old master we accept, and which workers took over which slot."""
-    try:
-        os.write(fd, ("ready " + " ".join(map(str, worker_pids)) + "\n").encode())
-        os.close(fd)
-    except OSError:
-        pass
 
 
 # -- the new master's side ----------------------------------------------------------------------------
@@ -130,15 +54,22 @@ class Predecessor:
     """The master we were started by in an upgrade: it waits for our word, then drains and exits."""
 
     pid: int
+    pidfd: int  # readable once it has exited (it is not our parent: inherit.py)
     ready_fd: int | None  # where it waits for "ready <worker pids>", until we have said it
     running: bool = True  # until it has exited: then its statistics rows are final
 
     @classmethod
     def adopt(cls, inherited: Inherited, table: Stats) -> Predecessor:
-        """Our parent is the old master (`take` checked); count its totals as ours while it drains."""
+        """The master that started us (inherit.take checked); count its totals as ours while it drains."""
         if not table.adopt_predecessor(inherited.stats):
             startup_log.warning("upgrade: the old master's statistics have another layout; counters restart")
-        return cls(os.getppid(), inherited.ready)
+        return cls(inherited.parent, inherited.parent_fd, inherited.ready)
+
+    def has_exited(self) -> bool:
+        if self.running and exited(self.pidfd):
+            self.running = False
+            os.close(self.pidfd)
+        return not self.running
 
 
 class Pidfile:
@@ -198,10 +129,9 @@ class Upgrader:
 
     def check_predecessor(self) -> None:
         predecessor = self.predecessor
-        if predecessor is not None and predecessor.running and os.getppid() != predecessor.pid:
+        if predecessor is not None and predecessor.running and predecessor.has_exited():
             self.stats.carry_predecessor()  # its rows are final now: they become part of our totals
             log.info("upgrade complete: old master %d has exited", predecessor.pid)
-            predecessor.running = False
 
     def announce_ready(self, master_pid: int, worker_pids: list[int]) -> None:
         """Our first generation accepts: claim the pidfile, and tell the old master to hand over."""
@@ -243,9 +173,9 @@ class Upgrader:
         if not message.startswith("ready"):
             self._failed("it exited before it was ready")
             return None
-        os.close(successor.ready_fd)
         log.info("upgrade: new master %d is ready; retiring this one", successor.pid)
-        notify.notify(f"MAINPID={successor.pid}", "READY=1", f"STATUS=upgraded to master {successor.pid}")
+        notify.hand_over(successor.pid, f"upgraded to master {successor.pid}")  # then we are silent
+        acknowledge(successor.ready_fd)  # the new master may notify systemd now; closes the fd
         self.pidfile.hand_over()
         return [int(pid) for pid in message.split()[1:] if pid.isdigit() and int(pid)]
 
