@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 from .. import stats
 from .core import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READING, Core
 from .handoff import Handoff
 from .output import FULL, Conn, MemoryOutput, Output, Watermarks
+from .splice import Splicer
+
+Splice = Callable[[int, int], None]
 
 
 class Echo:
-    def __init__(self, core: Core, marks: Watermarks, handoff: Handoff) -> None:
+    def __init__(
+        self, core: Core, marks: Watermarks, handoff: Handoff, io_mode: str, write_buffer_high: int
+    ) -> None:
         self.core = core
         self.marks = marks
         self.handoff = handoff  # while retiring with a successor, drained connections move on
+        # `splice(fd, tick)` echoes a plain connection whose spliced[fd] is set (never in copy mode).
+        self.splice: Splice = _no_splice
+        if io_mode != "copy":
+            self.splice = Splicer(core, self, write_buffer_high, auto=io_mode == "auto").build()
 
     def on_conn(self, fd: int, ev: int, conn: Conn) -> None:
         if ev & EPOLLERR:
@@ -29,9 +39,12 @@ class Echo:
         if ev & (EPOLLOUT | EPOLLHUP):
             self.flush(fd, conn)
             state = self.core.table[fd]
-            if state is None:  # drained: it is a plain connection again
+            if state is None:  # drained: it is a plain connection again, spliced or copied
                 if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
-                    self.read_plain(fd)
+                    if self.core.spliced[fd]:
+                        self.splice(fd, self.core.tick)
+                    else:
+                        self.read_plain(fd)
                 return
             if state is not conn:  # closed or handed over
                 return
@@ -209,3 +222,7 @@ class Echo:
         for fd, state in enumerate(core.table):
             if state is None or isinstance(state, Conn):
                 core.close(fd, "shutdown")
+
+
+def _no_splice(fd: int, tick: int) -> None:
+    raise AssertionError("copy mode never splices")  # spliced[fd] is never set in copy mode

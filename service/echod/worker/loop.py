@@ -42,7 +42,7 @@ from .lifecycle import Lifecycle, Phase
 from .output import Watermarks
 from .peers import Peers
 from .proxied import Proxied
-from .splice import BULK, Splicer
+from .splice import BULK
 
 log = logging.getLogger("echod.worker")
 
@@ -105,20 +105,17 @@ class Worker:
             settings.udp_rate_packets, settings.udp_rate_bytes, settings.udp_max_sources, core.counts
         )
         self.handoff = Handoff(core, row)
-        self.echo = Echo(
-            core, Watermarks(settings.write_buffer_high, settings.write_buffer_low), self.handoff
-        )
+        marks = Watermarks(settings.write_buffer_high, settings.write_buffer_low)
+        self.echo = Echo(core, marks, self.handoff, settings.io_mode, settings.write_buffer_high)
         self.proxied = Proxied(core, self.echo, self.handoff, settings.proxy_protocol_timeout)
         self.acceptor = Acceptor(
             core, listeners, proxied, settings.max_connections, self.limiter, self.proxied
         )
         # io_mode: "copy" never splices; "splice" splices every connection; "auto" moves a connection
         # to splice once a read brings BULK bytes (worker/splice.py).
-        self.splicer: Splicer | None = None
         self.bulk = sys.maxsize
         if settings.io_mode != "copy":
             auto = settings.io_mode == "auto"
-            self.splicer = Splicer(core, self.echo, settings.write_buffer_high, auto)
             self.bulk = BULK if auto else 0
             core.splice_first = not auto
             core.spliced[:] = [core.splice_first] * len(core.spliced)
@@ -199,7 +196,7 @@ class Worker:
             os.read, os.write, core.table, core.last, core.read_size, core.counts
         )  # fmt: skip
         close, fail, eof, buffer = core.close, core.fail, self.echo.eof, self.echo.buffer
-        splice = self.splicer.build() if self.splicer is not None else _no_splice
+        splice = self.echo.splice
         spliced, bulk = core.spliced, self.bulk
         IN, ERR = EPOLLIN, EPOLLERR
         RECEIVED, SENT, DROPPED = stats.RECEIVED_BYTES, stats.SENT_BYTES, stats.DROPPED_BYTES
@@ -309,7 +306,3 @@ class Worker:
         row[stats.ACTIVE] = core.open
         row[stats.BUFFERED] = core.buffered
         row[stats.HEARTBEAT_MS] = stats.monotonic_ms()
-
-
-def _no_splice(fd: int, tick: int) -> None:
-    raise AssertionError("copy mode never splices")  # spliced[fd] is never set in copy mode

@@ -26,11 +26,11 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .. import stats
 from .core import Core
-from .echo import Echo
-from .output import FULL, MemoryOutput, Output
+from .output import FULL, Conn, MemoryOutput, Output
 
 log = logging.getLogger("echod.worker")
 
@@ -140,10 +140,20 @@ class PipeOutput:
         self.r = self.w = -1
 
 
+class EchoParts(Protocol):
+    """What the splice path shares with the copy path (worker/echo.py's `Echo`, which owns the Splicer)."""
+
+    def eof(self, fd: int, conn: Conn | None) -> None: ...
+
+    def keep(self, fd: int, out: Output) -> None: ...
+
+    def read_plain(self, fd: int) -> None: ...
+
+
 class Splicer:
     """The echo of a plain connection in splice mode: socket -> scratch pipe -> socket."""
 
-    def __init__(self, core: Core, echo: Echo, write_buffer_high: int, auto: bool) -> None:
+    def __init__(self, core: Core, echo: EchoParts, write_buffer_high: int, auto: bool) -> None:
         self.core = core
         self.echo = echo
         self.small = SMALL if auto else 0
