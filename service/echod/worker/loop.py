@@ -26,6 +26,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from .output import Watermarks
 from .peers import Peers
 from .proxied import Proxied
 from .splice import BULK, Splicer
+from .tls import Tls
 
 log = logging.getLogger("echod.worker")
 
@@ -86,6 +88,7 @@ class Worker:
         row: memoryview,
         master_pid: int,
         proxied: frozenset[int] = frozenset(),
+        contexts: dict[int, ssl.SSLContext] | None = None,
     ) -> None:
         self.settings = settings
         self.row = row
@@ -105,13 +108,14 @@ class Worker:
             settings.udp_rate_packets, settings.udp_rate_bytes, settings.udp_max_sources, core.counts
         )
         self.handoff = Handoff(core, row)
-        self.echo = Echo(
-            core, Watermarks(settings.write_buffer_high, settings.write_buffer_low), self.handoff
-        )
-        self.proxied = Proxied(core, self.echo, self.handoff, settings.proxy_protocol_timeout)
+        marks = Watermarks(settings.write_buffer_high, settings.write_buffer_low)
+        self.echo = Echo(core, marks, self.handoff)
+        self.tls = Tls(core, marks, settings.tls_handshake_timeout)  # TLS listeners (worker/tls.py)
+        self.proxied = Proxied(core, self.echo, self.handoff, settings.proxy_protocol_timeout, self.tls)
         self.acceptor = Acceptor(
-            core, listeners, proxied, settings.max_connections, self.limiter, self.proxied
-        )
+            core, listeners, proxied, settings.max_connections, self.limiter, self.proxied,
+            contexts, self.tls,
+        )  # fmt: skip
         # io_mode: "copy" never splices; "splice" splices every connection; "auto" moves a connection
         # to splice once a read brings BULK bytes (worker/splice.py).
         self.splicer: Splicer | None = None
@@ -138,9 +142,11 @@ class Worker:
     def begin_close(self) -> None:
         self.proxied.close_all()
         self.echo.begin_close()
+        self.tls.begin_close()
 
     def close_all(self) -> None:
         self.echo.close_all()
+        self.tls.close_all()
 
     # -- set-up ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -260,6 +266,7 @@ class Worker:
             for fd in core.wheel.expired(core.tick):
                 core.close(fd, "timeout")
         self.proxied.expire(now)
+        self.tls.expire(now)
         self.limiter.prune(now)
         self.acceptor.resume(now)
         self.handoff.resume_inbox(now)
@@ -301,6 +308,7 @@ class Worker:
                 else:
                     log.warning(text, new)
                 self.reported[field] = counts[field]
+        self.tls.report()
 
     def _publish(self) -> None:
         row, core = self.row, self.core
@@ -308,6 +316,7 @@ class Worker:
             row[field] = value
         row[stats.ACTIVE] = core.open
         row[stats.BUFFERED] = core.buffered
+        row[stats.TLS_ACTIVE] = self.tls.active
         row[stats.HEARTBEAT_MS] = stats.monotonic_ms()
 
 
