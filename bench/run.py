@@ -27,6 +27,7 @@ import resource
 import shlex
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 RESULTS = os.path.join(BENCH, "results")
 LOADGEN = os.path.join(BENCH, "loadgen.py")
+TLS_LOADGEN = os.path.join(BENCH, "tls_loadgen.py")  # the tls_* scenarios (asyncio + uvloop client)
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RSS_SETTLE_S = 1.0  # the rss scenario samples this long after every connection is up and echoed once
@@ -100,8 +102,45 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "per": "conn",
         "desc": "50 slots of connect, 64 B echo, close",
     },
+    # TLS (issue 17): echod with a TLS listener against uvloop_tls, same certificate (EC P-256, made by
+    # this driver with openssl) and OpenSSL defaults. Plain-only servers skip these;
+    # uvloop_tls skips the rest.
+    "tls_small": {
+        "args": ["-c", "100", "-s", "64", "-p", "1"],
+        "metric": "msgs_per_s",
+        "unit": "msgs/s",
+        "per": "msg",
+        "desc": "TLS: 100 conns, 64 B, 1 in flight",
+        "tls": True,
+    },
+    "tls_large": {
+        "args": ["-c", "50", "-s", "16384", "-p", "4"],
+        "metric": "mib_per_s",
+        "unit": "MiB/s",
+        "per": "MiB",
+        "desc": "TLS: 50 conns, 16 KiB, 4 in flight; MiB/s of echoed payload",
+        "tls": True,
+    },
+    "tls_churn": {
+        "args": ["--churn", "-c", "50", "-s", "64"],
+        "metric": "conns_per_s",
+        "unit": "conns/s",
+        "per": "conn",
+        "desc": "TLS: 50 slots of new connection (full handshake), 64 B echo, close",
+        "tls": True,
+    },
+    "tls_rss": {
+        "args": ["--hold", "2000", "-s", "64"],
+        "metric": "rss_bytes_per_conn",
+        "unit": "B/conn",
+        "per": "conn",
+        "desc": "TLS: hold 2,000 idle conns; server tree RSS growth per held connection (lower is better)",
+        "tls": True,
+    },
 }
-DEFAULT_SERVERS = ["echod", "asyncio_proto", "uvloop_proto"]
+RSS = ("rss", "tls_rss")  # scenarios measuring memory per held connection, not CPU per unit of work
+DEFAULT_SERVERS = ["echod", "asyncio_proto", "uvloop_proto", "uvloop_tls"]
+TLS_SERVERS = {"echod", "echod_nometrics", "uvloop_tls"}  # the servers that can serve tls_* scenarios
 
 _running: list[subprocess.Popen[Any]] = []  # every process group this driver started and has not stopped
 
@@ -248,8 +287,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 # -- servers -------------------------------------------------------------------------------------------------
-def server_command(name: str, port: int, args: argparse.Namespace) -> tuple[list[str], dict[str, str], int]:
-    """(argv, environment, extra port to wait for or 0) of server `name` listening on port."""
+def server_command(
+    name: str, port: int, args: argparse.Namespace, tls: bool = False
+) -> tuple[list[str], dict[str, str], int]:
+    """(argv, environment, extra port to wait for or 0) of server `name` listening on port (TLS if `tls`)."""
     env = dict(os.environ)
     py = sys.executable
     if name in ("echod", "echod_nometrics", "echod_copy", "echod_splice"):
@@ -271,7 +312,15 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> tuple[list
             "--metrics-listen", f"{HOST}:{mport}" if metrics else "",
             "--io-mode", {"echod_copy": "copy", "echod_splice": "splice"}.get(name, "auto"),
         ]  # fmt: skip
+        if tls:
+            keys = {"tls_cert": args.tls_files[0], "tls_key": args.tls_files[1]}
+            argv += ["--listeners", json.dumps({f"{HOST}:{port}": keys})]
         return argv, env, mport
+    if name == "uvloop_tls":
+        script = os.path.join(BENCH, "servers", name + ".py")
+        cert, key = args.tls_files
+        argv = [py, script, "--host", HOST, "--port", str(port), "--cert", cert, "--key", key]
+        return argv, env, 0
     if name in ("asyncio_proto", "uvloop_proto"):
         script = os.path.join(BENCH, "servers", name + ".py")
         return [py, script, "--host", HOST, "--port", str(port), "--backlog", "4096"], env, 0
@@ -280,15 +329,34 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> tuple[list
     return shlex.split(template.format(**fields)), env, 0
 
 
-def wait_ready(proc: subprocess.Popen[Any], port: int, extra_port: int, timeout: float = 20.0) -> str | None:
-    """None once the server echoes (and extra_port accepts), else why not."""
+def make_tls_files() -> tuple[str, str]:
+    """A throwaway self-signed EC P-256 certificate and key for the tls_* scenarios (never committed)."""
+    folder = tempfile.mkdtemp(prefix="echod-bench-tls-")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def wait_ready(
+    proc: subprocess.Popen[Any], port: int, extra_port: int, timeout: float = 20.0, tls: bool = False
+) -> str | None:
+    """None once the server echoes (over TLS if `tls`; and extra_port accepts), else why not."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     probe = b"echod-bench-probe\n"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f"server exited with status {proc.returncode} before accepting"
         try:
-            with socket.create_connection((HOST, port), timeout=1.0) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(socket.create_connection((HOST, port), timeout=1.0))
+                if tls:
+                    s = stack.enter_context(ctx.wrap_socket(s))
                 s.sendall(probe)
                 got = b""
                 while len(got) < len(probe):
@@ -338,7 +406,8 @@ def run_one(name: str, scen: str, rnd: int, args: argparse.Namespace) -> dict[st
 def _run_one(name: str, scen: str, rnd: int, args: argparse.Namespace, log: Any) -> dict[str, Any]:
     spec = SCENARIOS[scen]
     port = free_port()
-    argv, env, extra_port = server_command(name, port, args)
+    tls = bool(spec.get("tls"))
+    argv, env, extra_port = server_command(name, port, args, tls)
     row: dict[str, Any] = {
         "type": "run",
         "server": name,
@@ -352,15 +421,16 @@ def _run_one(name: str, scen: str, rnd: int, args: argparse.Namespace, log: Any)
     server = lg = None
     try:
         server = spawn(argv, args.server_cpus, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        why = wait_ready(server, port, extra_port)
+        why = wait_ready(server, port, extra_port, tls=tls)
         if why:
             row["error"] = why
             row["server_log_tail"] = log_tail(log)
             return row
         time.sleep(0.5)  # let start-up work (imports, the metrics process) finish before sampling
-        client = [sys.executable, LOADGEN, *spec["args"], "--procs", str(args.client_procs)]
+        loadgen = TLS_LOADGEN if tls else LOADGEN
+        client = [sys.executable, loadgen, *spec["args"], "--procs", str(args.client_procs)]
         client += ["--seed", str(rnd + 1)]
-        if scen == "rss":
+        if scen in RSS:
             client += ["-d", str(args.hold_s)]
         else:
             client += ["-d", str(args.duration), "-w", str(args.warmup)]
@@ -413,7 +483,7 @@ def _run_one(name: str, scen: str, rnd: int, args: argparse.Namespace, log: Any)
             return row
         row["errors"] = result.get("errors", 0) + result.get("connect_failures", 0)
         row["mismatched_bytes"] = result.get("mismatched_bytes", 0)
-        if scen == "rss":
+        if scen in RSS:
             held = result.get("held", 0)
             if "rss_after_kib" not in row or not held:
                 row["error"] = "no connection held"
@@ -476,7 +546,7 @@ def summarize(rows: list[dict[str, Any]], servers: list[str], scenarios: list[st
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for scen in scenarios:
         metric = SCENARIOS[scen]["metric"]
-        costkey = metric if scen == "rss" else "cost_us"
+        costkey = metric if scen in RSS else "cost_us"
         ok = [r for r in rows if r.get("type") == "run" and r["scenario"] == scen and "error" not in r]
         base = {r["round"]: r for r in ok if r["server"] == baseline}
         summary[scen] = {}
@@ -532,7 +602,7 @@ def format_tables(summary: dict, baseline: str) -> str:
         spec = SCENARIOS[scen]
         out.append(f"\n## {scen}: {spec['desc']}")
         w = max([6, *(len(s) for s in per_server)])
-        if scen == "rss":
+        if scen in RSS:
             out.append(
                 f"{'server':<{w}} {'B/conn':>8} {'min':>8} {'max':>8} {'x base':>7} "
                 f"{'held':>6} {'setup_s':>7} {'err':>5} {'mism':>5}"
@@ -556,7 +626,7 @@ def format_tables(summary: dict, baseline: str) -> str:
                 )
                 continue
             fail = f"  ({st['failed']} failed: {st['first_error']})" if st["failed"] else ""
-            if scen == "rss":
+            if scen in RSS:
                 out.append(
                     f"{s:<{w}} {human(st['med']):>8} {human(st['min']):>8} {human(st['max']):>8} "
                     f"{ratio_str(st['x_base']):>7} {st['held'] or 0:>6.0f} {st['setup_s'] or 0:>7.2f} "
@@ -609,7 +679,7 @@ def chart(summary: dict, baseline: str, path: str, title_note: str) -> str | Non
             xs.append(j + (i - (len(servers) - 1) / 2) * width)
             ys.append(r)
             ratios_seen.append(r)
-            unit = "B" if scen == "rss" else "µs"
+            unit = "B" if scen in RSS else "µs"
             labels.append(f"{human(st['cost_med'])} {unit}")
         bars = ax.bar(xs, ys, width * 0.92, label=server + (" (baseline)" if server == baseline else ""))
         for bar, text in zip(bars, labels, strict=True):
@@ -633,7 +703,7 @@ def chart(summary: dict, baseline: str, path: str, title_note: str) -> str | Non
         ax.set_ylim(0, max(ratios_seen) * 1.2)
     ax.set_xticks(range(len(scens)))
     ax.set_xticklabels(
-        [f"{s}\n({'bytes RSS' if s == 'rss' else 'CPU µs'} per {SCENARIOS[s]['per']})" for s in scens],
+        [f"{s}\n({'bytes RSS' if s in RSS else 'CPU µs'} per {SCENARIOS[s]['per']})" for s in scens],
         fontsize=8,
     )
     ax.set_ylabel(f"server cost relative to {baseline} (lower is better)")
@@ -735,6 +805,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if extra not in args.servers:
                 args.servers.insert(args.servers.index("echod") + 1, extra)
     known = {"echod", "echod_nometrics", "echod_copy", "echod_splice", "asyncio_proto", "uvloop_proto"}
+    known.add("uvloop_tls")
     known |= set(args.custom)
     for s in args.servers:
         if s not in known:
@@ -789,11 +860,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where our parent ignored SIGINT
     nofile = raise_nofile()
     servers = list(args.servers)
-    if "uvloop_proto" in servers and importlib.util.find_spec("uvloop") is None:
-        print(
-            "warning: uvloop is not importable: skipping uvloop_proto (pip install uvloop)", file=sys.stderr
-        )
-        servers.remove("uvloop_proto")
+    for uv in ("uvloop_proto", "uvloop_tls"):
+        if uv in servers and importlib.util.find_spec("uvloop") is None:
+            print(f"warning: uvloop is not importable: skipping {uv} (pip install uvloop)", file=sys.stderr)
+            servers.remove(uv)
+    args.tls_files = make_tls_files() if any(SCENARIOS[s].get("tls") for s in args.scenarios) else None
     if not servers:
         print("no server to run", file=sys.stderr)
         return 2
@@ -861,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                 for rnd in range(args.rounds):
                     k = rnd % len(servers)
                     for name in servers[k:] + servers[:k]:
+                        if name not in TLS_SERVERS if spec.get("tls") else name == "uvloop_tls":
+                            continue  # a plain-only server in a tls_* scenario, or the reverse
                         row = run_one(name, scen, rnd, args)
                         rows.append(row)
                         jf.write(json.dumps(row) + "\n")
@@ -886,7 +959,7 @@ def progress(row: dict[str, Any], spec: dict[str, Any], elapsed: float, rounds: 
     head = f"  [{elapsed:5.0f}s] {row['scenario']:<9} r{row['round'] + 1}/{rounds} {row['server']:<16}"
     if "error" in row:
         return f"{head} ERROR: {row['error']}"
-    if row["scenario"] == "rss":
+    if row["scenario"] in RSS:
         return (
             f"{head} {row['rss_bytes_per_conn']:,.0f} B/conn  held={row['held']}  "
             f"rss {row['rss_before_kib'] / 1024:.1f} -> {row['rss_after_kib'] / 1024:.1f} MiB  "

@@ -46,6 +46,7 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "io_mode": "auto",
     "listeners": {},
     "proxy_protocol_timeout": 5,
+    "tls_handshake_timeout": 10,
     "udp_listen": [],
     "udp_rate_packets": 100,
     "udp_rate_bytes": 262144,

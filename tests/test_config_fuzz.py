@@ -54,6 +54,7 @@ TOP_LEVEL = {
     "heartbeat_timeout": "float",
     "io_mode": "io_mode",
     "proxy_protocol_timeout": "float",
+    "tls_handshake_timeout": "float",
     "udp_listen": "addresses",
     "udp_rate_packets": "float",
     "udp_rate_bytes": "float",

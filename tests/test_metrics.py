@@ -45,10 +45,10 @@ TOOL_TIMEOUT = 60.0
 # SPEC.md "Health and metrics": name -> (type, {label: the exact set of values, or None for any}).
 SPEC_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
     "echod_connections_accepted_total": ("counter", {}),
-    # proxy_protocol and rejected are extensions (PROXY protocol listeners, README).
+    # proxy_protocol and rejected are extensions (PROXY protocol listeners, README); tls is SPEC's 2026-12-03.
     "echod_connections_closed_total": (
         "counter",
-        {"reason": {"client", "timeout", "error", "shutdown", "proxy_protocol", "rejected"}},
+        {"reason": {"client", "timeout", "error", "shutdown", "proxy_protocol", "rejected", "tls"}},
     ),
     "echod_connections_active": ("gauge", {}),
     "echod_connections_rejected_total": ("counter", {"reason": {"limit", "emfile", "per_ip"}}),
@@ -76,6 +76,9 @@ EXTENSION_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
         "counter",
         {"reason": {"source_port", "rate_limit", "too_many_sources", "send_failed"}},
     ),
+    # TLS listeners (issue 17)
+    "echod_tls_handshakes_total": ("counter", {"result": {"success", "failure"}}),
+    "echod_tls_connections_active": ("gauge", {}),
 }
 
 REQUIRED_ALERTS = {

@@ -720,7 +720,7 @@ def test_check_config_accepts_a_proxy_listener(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     effective = tomllib.loads(result.stdout)
-    assert effective["listeners"] == {"127.0.0.1:7002": {"proxy_protocol": True}}
+    assert effective["listeners"]["127.0.0.1:7002"]["proxy_protocol"] is True
     assert effective["proxy_protocol_timeout"] == 2.5
 
 

@@ -405,7 +405,7 @@ class Headers:
     def __init__(self) -> None:
         self.started: list[int] = []
 
-    def start(self, fd: int) -> None:
+    def start(self, fd: int, tls: object = None) -> None:
         self.started.append(fd)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -160,6 +161,12 @@ class Settings(BaseSettings):
         le=3600,
         description="seconds a PROXY protocol listener waits for a connection's header before closing it",
     )
+    tls_handshake_timeout: Annotated[float, Seconds] = Field(
+        default=10,
+        gt=0,
+        le=3600,
+        description="seconds a TLS listener's connection may take to complete its handshake",
+    )
     udp_listen: Annotated[list[str], NoDecode, HostPort] = Field(
         default_factory=list, description="UDP echo addresses, same syntax as listen; none = no UDP echo"
     )
@@ -187,7 +194,7 @@ class Settings(BaseSettings):
         "workers", "backlog", "max_connections", "read_size", "write_buffer_high", "write_buffer_low",
         "max_buffered_bytes", "max_connections_per_ip", "idle_timeout", "shutdown_timeout",
         "heartbeat_timeout", "proxy_protocol_timeout", "udp_rate_packets", "udp_rate_bytes",
-        "udp_max_sources", mode="before",
+        "udp_max_sources", "tls_handshake_timeout", mode="before",
     )  # fmt: skip
     @classmethod
     def _not_bool(cls, value: object) -> object:
@@ -288,6 +295,14 @@ class Settings(BaseSettings):
     def proxy_addresses(self) -> set[Address]:
         """Listen addresses whose connections begin with a PROXY protocol header."""
         return {parse_address(key) for key, options in self.listeners.items() if options.proxy_protocol}
+
+    def tls_addresses(self) -> dict[Address, ssl.SSLContext]:
+        """Listen addresses that speak TLS, and the context each was loaded with (tls_config.py)."""
+        return {
+            parse_address(key): options.tls_context
+            for key, options in self.listeners.items()
+            if options.tls_context is not None
+        }
 
     @property
     def worker_count(self) -> int:

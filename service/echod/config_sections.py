@@ -6,12 +6,14 @@ holds both to it)."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .listeners import parse_address
+from .tls_config import build_context
 
 
 @dataclass(frozen=True)
@@ -82,3 +84,32 @@ class ListenerOptions(_Section):
         description="connections start with a PROXY protocol v1 or v2 header (HAProxy send-proxy or "
         "send-proxy-v2)",
     )
+
+    # -- TLS (issue 17): validated by building the context, kept for the workers (tls_config.py) --------
+    tls_cert: Annotated[str, Metavar("PATH")] = Field(
+        default="", description="PEM certificate chain; with tls_key, this address speaks TLS"
+    )
+    tls_key: Annotated[str, Metavar("PATH")] = Field(
+        default="", description="PEM private key of tls_cert, unencrypted"
+    )
+    tls_client_ca: Annotated[str, Metavar("PATH")] = Field(
+        default="",
+        description="PEM CA bundle: clients must present a certificate signed by it (mutual TLS); "
+        "empty = no client certificate asked for",
+    )
+    tls_min_version: Literal["1.2", "1.3"] = Field(default="1.2", description="oldest TLS version accepted")
+    _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _tls(self) -> ListenerOptions:
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return self
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        self._context = build_context(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_min_version)
+        return self
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server context built from the files as they were when this configuration was loaded."""
+        return self._context

@@ -72,6 +72,11 @@ class StatsCollector(Collector):
             total(stats.HANDED_OVER),
         )
         yield _gauge("echod_buffered_bytes", "Pending output, all connections", gauge(stats.BUFFERED))
+        handshakes = CounterMetricFamily("echod_tls_handshakes", "TLS handshakes", labels=["result"])
+        handshakes.add_metric(["success"], total(stats.TLS_HANDSHAKES_OK))
+        handshakes.add_metric(["failure"], total(stats.TLS_HANDSHAKES_FAILED))
+        yield handshakes
+        yield _gauge("echod_tls_connections_active", "Open TLS connections", gauge(stats.TLS_ACTIVE))
         yield from self._udp(total)
         yield _gauge(
             "echod_workers",

@@ -71,12 +71,16 @@ class Reloader:
         """Old and new workers share a kept address's queue for a while: they must read it alike."""
         kept = held & set(new.addresses)
         old = self.supervisor.settings
-        changed = sorted(str(a) for a in (new.proxy_addresses() ^ old.proxy_addresses()) & kept)
-        if changed:
-            raise ConfigError(
-                f"listeners: proxy_protocol cannot change on a reload for {', '.join(changed)}, which stays"
-                " open (old and new workers share its queue); restart echod, or use another address"
-            )
+        for what, before, after in (
+            ("proxy_protocol", old.proxy_addresses(), new.proxy_addresses()),
+            ("TLS on or off", set(old.tls_addresses()), set(new.tls_addresses())),
+        ):
+            changed = sorted(str(a) for a in (before ^ after) & kept)
+            if changed:
+                raise ConfigError(
+                    f"listeners: {what} cannot change on a reload for {', '.join(changed)}, which stays"
+                    " open (old and new workers share its queue); restart echod, or use another address"
+                )
 
     def _count_success(self, superseded: bool = False) -> None:
         self.stats.master[stats.M_RELOAD_SUCCESS] += 1

@@ -39,16 +39,20 @@ UDP_DROPPED_PORT = 20  # from a well-known port: never answered (echo/chargen lo
 UDP_DROPPED_RATE = 21  # over the source's token bucket
 UDP_DROPPED_SOURCES = 22  # udp_max_sources sources already being tracked
 UDP_DROPPED_SEND = 23  # the reply could not be sent (socket buffer full, unreachable)
-COUNTERS = 24
-ACTIVE = 24
-BUFFERED = 25
-PID = 26
-GENERATION = 27
-STATE = 28  # see STATE_* below
-HEARTBEAT_MS = 29  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
-SLOT = 30
-HANDOVER_PID = 31  # written by the master before it retires the worker: whom to pass connections to
-FIELDS = 32
+CLOSED_TLS = 24  # TLS handshake failed or timed out, or the TLS stream broke (worker/tls.py)
+TLS_HANDSHAKES_OK = 25
+TLS_HANDSHAKES_FAILED = 26
+COUNTERS = 27
+ACTIVE = 27
+BUFFERED = 28
+PID = 29
+GENERATION = 30
+STATE = 31  # see STATE_* below
+HEARTBEAT_MS = 32  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
+SLOT = 33
+HANDOVER_PID = 34  # written by the master before it retires the worker: whom to pass connections to
+TLS_ACTIVE = 35  # open TLS connections (also counted in ACTIVE)
+FIELDS = 36
 
 STATE_FREE = 0
 STATE_STARTING = 1
@@ -62,6 +66,7 @@ CLOSE_REASONS = {
     "shutdown": CLOSED_SHUTDOWN,
     "proxy_protocol": CLOSED_PROXY,
     "rejected": CLOSED_REJECTED,
+    "tls": CLOSED_TLS,
 }
 REJECT_REASONS = {"limit": REJECTED_LIMIT, "emfile": REJECTED_EMFILE, "per_ip": REJECTED_PER_IP}
 UDP_DROP_REASONS = {

@@ -130,10 +130,15 @@ class Supervisor:
     def spawn(self, slot: int) -> None:
         listeners = self.listeners.slot(slot, skip=self.dropping)
         proxied = frozenset(self.listeners.filenos_of(self.settings.proxy_addresses()))
+        contexts = {  # built when the settings were loaded: a reload re-reads the certificates
+            fd: context
+            for address, context in self.settings.tls_addresses().items()
+            for fd in self.listeners.filenos_of({address})
+        }
         row = self.stats.claim_row(0, slot, self.generation)
         settings, master_pid = self.settings, self.master_pid
         pid = self.fork(
-            lambda: run_worker(settings, listeners, self.stats.row(row), master_pid, proxied),
+            lambda: run_worker(settings, listeners, self.stats.row(row), master_pid, proxied, contexts),
             keep=listeners,
             name=f"echod-worker-{slot}",
         )

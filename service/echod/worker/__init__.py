@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 
 from ..config import Settings
 from .lifecycle import FLUSH_GRACE
@@ -17,6 +18,8 @@ def run_worker(
     row: memoryview,
     master_pid: int,
     proxied: frozenset[int] = frozenset(),
+    contexts: dict[int, ssl.SSLContext] | None = None,
 ) -> int:
-    """The body of a worker process: serve the slot's sockets until told to stop; the exit code."""
-    return Worker(settings, listeners, row, master_pid, proxied).run()
+    """The body of a worker process: serve the slot's sockets until told to stop; the exit code.
+    `contexts`: listening fd -> TLS server context, built by the master (tls_config.py)."""
+    return Worker(settings, listeners, row, master_pid, proxied, contexts).run()

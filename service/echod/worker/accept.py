@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import time
 from typing import Protocol
 
@@ -24,19 +25,28 @@ EMFILE_PAUSE = 1.0  # seconds accepting stays off when even the reserve fd canno
 
 
 class HeaderPhase(Protocol):
-    """Where a PROXY listener's connections go first (worker/proxied.py)."""
+    """Where a PROXY listener's connections go first (worker/proxied.py); TLS, if any, follows."""
 
-    def start(self, fd: int) -> None: ...
+    def start(self, fd: int, tls: ssl.SSLContext | None) -> None: ...
+
+
+class TlsPhase(Protocol):
+    """Where a TLS listener's connections go (worker/tls.py)."""
+
+    def start(self, fd: int, context: ssl.SSLContext, data: bytes = b"") -> None: ...
 
 
 class Listener:
     """One listening socket of our slot."""
 
-    __slots__ = ("acceptor", "proxy", "sock", "streak", "turn")
+    __slots__ = ("acceptor", "proxy", "sock", "streak", "tls", "turn")
 
-    def __init__(self, sock: socket.socket, proxy: bool, acceptor: Acceptor) -> None:
+    def __init__(
+        self, sock: socket.socket, proxy: bool, acceptor: Acceptor, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.sock = sock
         self.proxy = proxy  # its connections begin with a PROXY protocol header
+        self.tls = tls  # its connections speak TLS (after the PROXY header, if any)
         self.acceptor = acceptor
         self.turn = -2  # the loop turn that last reported it ready
         self.streak = 0  # consecutive turns it has been ready since a batch last emptied its queue
@@ -54,6 +64,8 @@ class Acceptor:
         max_connections: int,
         limiter: RateLimiter,
         headers: HeaderPhase,
+        contexts: dict[int, ssl.SSLContext] | None = None,
+        tls: TlsPhase | None = None,
     ) -> None:
         self.core = core
         self.listeners = listeners
@@ -61,6 +73,8 @@ class Acceptor:
         self.max_connections = max_connections
         self.limiter = limiter
         self.headers = headers
+        self.contexts = contexts or {}  # listening fd -> its TLS server context
+        self.tls = tls
         self.accepting = False
         self.retired = False  # listeners closed for good
         self.resume_at = 0.0  # accepting is off until then (out of descriptors)
@@ -76,7 +90,7 @@ class Acceptor:
             if sock.type == socket.SOCK_DGRAM:
                 core.table[fd] = UdpEcho(sock, self.limiter, core.counts, udp_ports)
             else:
-                core.table[fd] = Listener(sock, fd in self.proxied, self)
+                core.table[fd] = Listener(sock, fd in self.proxied, self, self.contexts.get(fd))
             # Exclusive: when workers share a socket (reload overlap, socket activation), one wakes.
             core.ep.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
         self.accepting = True
@@ -147,7 +161,9 @@ class Acceptor:
             core.adopt(fd)
             counts[stats.ACCEPTED] += 1
             if listener.proxy:  # the client's address is in the header: limits wait for it
-                self.headers.start(fd)
+                self.headers.start(fd, listener.tls)
+            elif listener.tls is not None and self.tls is not None:
+                self.tls.start(fd, listener.tls)
 
     def shed(self, lsock: socket.socket) -> None:
         """Out of descriptors: free the reserve fd to accept-and-close what is queued (libuv's trick).

@@ -50,6 +50,19 @@ class Closed:
 CLOSED = Closed()
 
 
+class Owing:
+    """Base of a state other than `Conn` that holds pending output `close` must account for: a TLS
+    connection (worker/tls.py). len() = its bytes in `Core.buffered`; release() = it is closed."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
 class Core:
     """The table and the counts; every part of the worker holds this one object."""
 
@@ -106,7 +119,7 @@ class Core:
 
     def close(self, fd: int, reason: str, error: OSError | None = None) -> None:
         state = self.table[fd]
-        if isinstance(state, Conn):
+        if isinstance(state, (Conn, Owing)):
             pending = len(state)
             if pending:
                 self.buffered -= pending

@@ -26,6 +26,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from .output import Watermarks
 from .peers import Peers
 from .proxied import Proxied
 from .splice import BULK
+from .tls import Tls
 
 log = logging.getLogger("echod.worker")
 
@@ -86,6 +88,7 @@ class Worker:
         row: memoryview,
         master_pid: int,
         proxied: frozenset[int] = frozenset(),
+        contexts: dict[int, ssl.SSLContext] | None = None,
     ) -> None:
         self.settings = settings
         self.row = row
@@ -107,10 +110,12 @@ class Worker:
         self.handoff = Handoff(core, row)
         marks = Watermarks(settings.write_buffer_high, settings.write_buffer_low)
         self.echo = Echo(core, marks, self.handoff, settings.io_mode, settings.write_buffer_high)
-        self.proxied = Proxied(core, self.echo, self.handoff, settings.proxy_protocol_timeout)
+        self.tls = Tls(core, marks, settings.tls_handshake_timeout)  # TLS listeners (worker/tls.py)
+        self.proxied = Proxied(core, self.echo, self.handoff, settings.proxy_protocol_timeout, self.tls)
         self.acceptor = Acceptor(
-            core, listeners, proxied, settings.max_connections, self.limiter, self.proxied
-        )
+            core, listeners, proxied, settings.max_connections, self.limiter, self.proxied,
+            contexts, self.tls,
+        )  # fmt: skip
         # io_mode: "copy" never splices; "splice" splices every connection; "auto" moves a connection
         # to splice once a read brings BULK bytes (worker/splice.py).
         self.bulk = sys.maxsize
@@ -135,9 +140,11 @@ class Worker:
     def begin_close(self) -> None:
         self.proxied.close_all()
         self.echo.begin_close()
+        self.tls.begin_close()
 
     def close_all(self) -> None:
         self.echo.close_all()
+        self.tls.close_all()
 
     # -- set-up ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -257,6 +264,7 @@ class Worker:
             for fd in core.wheel.expired(core.tick):
                 core.close(fd, "timeout")
         self.proxied.expire(now)
+        self.tls.expire(now)
         self.limiter.prune(now)
         self.acceptor.resume(now)
         self.handoff.resume_inbox(now)
@@ -298,6 +306,7 @@ class Worker:
                 else:
                     log.warning(text, new)
                 self.reported[field] = counts[field]
+        self.tls.report()
 
     def _publish(self) -> None:
         row, core = self.row, self.core
@@ -305,4 +314,5 @@ class Worker:
             row[field] = value
         row[stats.ACTIVE] = core.open
         row[stats.BUFFERED] = core.buffered
+        row[stats.TLS_ACTIVE] = self.tls.active
         row[stats.HEARTBEAT_MS] = stats.monotonic_ms()

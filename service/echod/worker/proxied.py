@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 
 from .. import proxy, stats
 from .core import EPOLLERR, Core
 from .echo import Echo
 from .handoff import Handoff
+from .tls import Tls
 
 log = logging.getLogger("echod.worker")
 
 
 class Proxied:
-    def __init__(self, core: Core, echo: Echo, handoff: Handoff, timeout: float) -> None:
+    def __init__(self, core: Core, echo: Echo, handoff: Handoff, timeout: float, tls: Tls) -> None:
         self.core = core
         self.echo = echo
         self.handoff = handoff
@@ -27,9 +29,17 @@ class Proxied:
         # fd -> its header phase. An entry may outlive its connection (closed by a stop or an error);
         # `expire` drops it when it comes due, and a new connection on the same fd replaces it.
         self.awaiting: dict[int, proxy.AwaitingHeader] = {}
+        # PROXY + TLS (HAProxy's send-proxy to an ssl server): fd -> the context its handshake uses
+        # once the clear-text header is read.
+        self.tls = tls
+        self.then_tls: dict[int, ssl.SSLContext] = {}
 
-    def start(self, fd: int) -> None:
+    def start(self, fd: int, tls: ssl.SSLContext | None = None) -> None:
         state = proxy.AwaitingHeader(self, time.monotonic() + self.timeout)
+        if tls is not None:
+            self.then_tls[fd] = tls
+        else:
+            self.then_tls.pop(fd, None)
         self.core.table[fd] = state
         self.awaiting[fd] = state
 
@@ -60,7 +70,11 @@ class Proxied:
         rest, source = done
         del self.awaiting[fd]
         core.table[fd] = None
+        context = self.then_tls.pop(fd, None)
         if not self._admit(fd, source):
+            return
+        if context is not None:  # what followed the header starts the handshake
+            self.tls.start(fd, context, rest)
             return
         if rest:
             core.last[fd] = core.tick
