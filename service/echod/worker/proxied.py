@@ -49,6 +49,7 @@ class Proxied:
         if not chunk:  # closed before sending a whole header
             core.close(fd, "proxy_protocol")
             return
+        before = len(state.data)
         try:
             done = state.feed(chunk)
         except proxy.ProxyError as exc:
@@ -60,6 +61,9 @@ class Proxied:
         rest, source = done
         del self.awaiting[fd]
         core.table[fd] = None
+        core.header_bytes[fd] = before + len(chunk) - len(rest)  # not echoed, but TCP_INFO counts it
+        if source is not None:
+            core.peer[fd] = source  # the access log's client
         if not self._admit(fd, source):
             return
         if rest:
