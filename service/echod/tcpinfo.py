@@ -70,9 +70,10 @@ class TcpInfo(NamedTuple):
     size: int  # bytes the kernel returned: fields past it are missing (-1 here)
 
     def bytes_in(self, fin: bool) -> int:
-        """Bytes the client sent: `fin` says whether its FIN has been read (it takes a sequence
-        number, which tcpi_bytes_received counts)."""
-        fin = fin or self.state in _FIN_IN
+        """Bytes the client sent. Its FIN takes a sequence number, which tcpi_bytes_received counts:
+        it is in when the state says so, or, in CLOSE (our FIN acknowledged too, or a reset), when
+        `fin` says the close may have followed it."""
+        fin = self.state in _FIN_IN or (fin and self.state == STATE_CLOSE)
         return max(0, self.bytes_received - 1) if fin else max(0, self.bytes_received)
 
     def bytes_out(self) -> int:
