@@ -37,7 +37,7 @@ PIPE_BUF = select.PIPE_BUF  # the most a pipe takes atomically
 class Record(NamedTuple):
     worker: int
     listener: str
-    client: tuple[str, int] | None
+    client: str  # HOST:PORT, or a bare address (a PROXY client handed over without its port)
     duration_us: int
     bytes_in: int
     bytes_out: int
@@ -174,19 +174,12 @@ class AccessLog:
         self.counts[histograms.ACCESS_LOG_DROPPED] += count
 
 
-def _address(address: tuple[str, int] | None) -> str:
-    if address is None:
-        return ""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _json(ts: str, r: Record) -> str:
     # Built by hand, not json.dumps (3x the cost): every value is a number or an address/reason text
     # that needs no escaping.
     tcp = "".join(f',"{key}":{value}' for key, value in r.tcp.items())
     return (
-        f'{{"ts":"{ts}","worker":{r.worker},"listener":"{r.listener}","client":"{_address(r.client)}",'
+        f'{{"ts":"{ts}","worker":{r.worker},"listener":"{r.listener}","client":"{r.client}",'
         f'"duration_s":{r.duration_us / 1e6:.6f},"bytes_in":{r.bytes_in},"bytes_out":{r.bytes_out},'
         f'"reason":"{r.reason}"{tcp}}}\n'
     )
@@ -195,7 +188,7 @@ def _json(ts: str, r: Record) -> str:
 def _text(ts: str, r: Record) -> str:
     tcp = "".join(f" {key}={value}" for key, value in r.tcp.items())
     return (
-        f"{ts} worker={r.worker} listener={r.listener} client={_address(r.client)} "
+        f"{ts} worker={r.worker} listener={r.listener} client={r.client} "
         f"duration_s={r.duration_us / 1e6:.6f} bytes_in={r.bytes_in} bytes_out={r.bytes_out} "
         f"reason={r.reason}{tcp}\n"
     )

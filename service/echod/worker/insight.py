@@ -74,14 +74,17 @@ class Insight:
             local, peer = self._addresses(fd)
             tcp = info.fields() if info is not None else {}
             client = peer or core.peer[fd]
-            access.add(Record(self.slot, local, client, duration_us, bytes_in, bytes_out, reason, tcp))
+            # Handed over: the PROXY header's address came along (Peers), its port did not.
+            named = core.peers.address(fd) if core.peer[fd] is None else ""
+            client_text = named or (host_port(client) if client is not None else "")
+            access.add(Record(self.slot, local, client_text, duration_us, bytes_in, bytes_out, reason, tcp))
 
     def rejected(self, fd: int, reason: str, peer: tuple[str, int], lsock: socket.socket) -> None:
         """A connection accepted and closed at once (limits, out of descriptors): logged, no bytes."""
         if self.access is None or (self.sample < 1.0 and random.random() >= self.sample):
             return
         listener = self.listeners.get(lsock.getsockname()[:2], "")
-        self.access.add(Record(self.slot, listener, peer, 0, 0, 0, reason, {}))
+        self.access.add(Record(self.slot, listener, host_port(peer), 0, 0, 0, reason, {}))
 
     def _addresses(self, fd: int) -> tuple[str, tuple[str, int] | None]:
         """The listener's text (found by the connection's local address) and, when accept gave us
