@@ -51,6 +51,9 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "udp_rate_packets": 100,
     "udp_rate_bytes": 262144,
     "udp_max_sources": 16384,
+    "access_log": "",
+    "access_log_format": "json",
+    "access_log_sample": 1,
     "metrics": {"listen": "127.0.0.1:9640"},
     "log": {"level": "info", "format": "text", "file": ""},
     "daemon": {"pidfile": "/run/echod/echod.pid", "user": "", "group": ""},
@@ -631,7 +634,7 @@ def test_help_lists_setting_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
 # -- one text per setting: its Field description, shown by --help and held by config/echod.toml -------
 
-UNITS = {"SECONDS", "BYTES", "N", "HOST:PORT", "PATH", "USER", "GROUP", "JSON"}
+UNITS = {"FRACTION", "SECONDS", "BYTES", "N", "HOST:PORT", "PATH", "USER", "GROUP", "JSON"}
 
 
 def squeezed(text: str) -> str:

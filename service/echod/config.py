@@ -186,6 +186,18 @@ class Settings(BaseSettings):
         description="source addresses rate-limited at once per worker; datagrams from further sources "
         "are dropped",
     )
+    # Issue 18: the access log (worker/access_log.py).
+    access_log: Annotated[str, Metavar("PATH")] = Field(
+        default="",
+        description='file to append one line per closed TCP connection to, reopened on SIGUSR1; "-" = '
+        'the service log\'s stream; "" = no access log',
+    )
+    access_log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line, or text: key=value pairs"
+    )
+    access_log_sample: Annotated[float, Metavar("FRACTION")] = Field(
+        default=1, ge=0, le=1, description="fraction of connections logged, 0 to 1; 1 = every one"
+    )
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
@@ -194,7 +206,7 @@ class Settings(BaseSettings):
         "workers", "backlog", "max_connections", "read_size", "write_buffer_high", "write_buffer_low",
         "max_buffered_bytes", "max_connections_per_ip", "idle_timeout", "shutdown_timeout",
         "heartbeat_timeout", "proxy_protocol_timeout", "udp_rate_packets", "udp_rate_bytes",
-        "udp_max_sources", "tls_handshake_timeout", mode="before",
+        "udp_max_sources", "tls_handshake_timeout", "access_log_sample", mode="before",
     )  # fmt: skip
     @classmethod
     def _not_bool(cls, value: object) -> object:

@@ -100,8 +100,9 @@ def running_pid(path: Path) -> int | None:
     return pid if pid is not None and is_locked(path) else None
 
 
-def drop_privileges(user: str, group: str) -> None:
-    """Switch to `user`/`group` after binding; raise PermissionError rather than keep running as root."""
+def drop_privileges(user: str, group: str, access_log: str = "") -> None:
+    """Switch to `user`/`group` after binding; raise PermissionError rather than keep running as root.
+    The access log is created first, for the workers to open as `user` (logs.give_access_log)."""
     if not user and not group:
         return
     gid = grp.getgrnam(group).gr_gid if group else None
@@ -109,6 +110,7 @@ def drop_privileges(user: str, group: str) -> None:
     if gid is None and uid is not None:
         gid = pwd.getpwuid(uid).pw_gid
     logs.give_to(uid)
+    logs.give_access_log(access_log, uid)
     if os.getuid() == 0 and gid is not None:
         os.setgroups([])
     if gid is not None:
@@ -178,7 +180,7 @@ def run(load: Callable[[], Settings]) -> int:
     master = build_master(prepared)
     settings = prepared.settings
     try:
-        drop_privileges(settings.daemon.user, settings.daemon.group)
+        drop_privileges(settings.daemon.user, settings.daemon.group, settings.access_log)
     except (OSError, KeyError) as exc:
         print(f"echod: cannot drop privileges: {exc}", file=sys.stderr)
         return EX_RUNTIME
@@ -271,7 +273,7 @@ def _daemon_main(prepared: Prepared, ready_w: int) -> int:
         # Built here, not before the fork: only now are its pid and the pidfile's descriptor known.
         master = build_master(prepared, pidfile_fd=pidfile.fd, on_ready=lambda: report("ready"))
         logs.setup(settings.log.level, settings.log.format, settings.log.file)
-        drop_privileges(settings.daemon.user, settings.daemon.group)
+        drop_privileges(settings.daemon.user, settings.daemon.group, settings.access_log)
     except (AlreadyRunning, OSError, KeyError) as exc:
         report(str(exc) if not isinstance(exc, KeyError) else f"unknown user or group {exc}")
         return EX_RUNTIME

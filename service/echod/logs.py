@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -146,6 +147,33 @@ def give_to(uid: int | None) -> None:
             "cannot give log file %r to uid %d (%s): reopening it after a rotation may fail",
             _handler.path, uid, exc.strerror,
         )  # fmt: skip
+
+
+def check_access_log(path: str) -> None:
+    """Raise OSError if the access log (a path, not "" or "-") cannot be opened for appending. Never
+    blocks: a FIFO with no reader yet (ENXIO) is fine, the workers open it once it has one."""
+    if path in ("", "-"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o640))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+
+
+def give_access_log(path: str, uid: int | None) -> None:
+    """Create the access log (the workers open it themselves, after the master has dropped root, maybe
+    in a directory only root may write to) and give it to `uid`, as give_to does the service log."""
+    if path in ("", "-") or uid is None or os.geteuid() != 0:
+        return
+    try:
+        check_access_log(path)
+        if stat.S_ISREG(os.stat(path).st_mode):
+            os.chown(path, uid, -1)
+    except OSError as exc:
+        logging.getLogger("echod").warning(
+            "cannot give access log %r to uid %d (%s)", path, uid, exc.strerror
+        )
 
 
 def _stderr_is_journal() -> bool:

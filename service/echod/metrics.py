@@ -16,11 +16,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from . import __version__, stats
+from . import __version__, histograms, stats
 from .stats import Stats
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -78,6 +78,7 @@ class StatsCollector(Collector):
         yield handshakes
         yield _gauge("echod_tls_connections_active", "Open TLS connections", gauge(stats.TLS_ACTIVE))
         yield from self._udp(total)
+        yield from self._insight(total)
         yield _gauge(
             "echod_workers",
             "Live workers of the current configuration",
@@ -120,6 +121,24 @@ class StatsCollector(Collector):
         for reason, field in stats.UDP_DROP_REASONS.items():
             dropped.add_metric([reason], total(field))
         yield dropped
+
+    @staticmethod
+    def _insight(total: Callable[[int], int]) -> Iterator[Metric]:
+        """Issue 18: what connections saw at close (histograms.py, worker/insight.py)."""
+        block = [total(stats.INSIGHT + field) for field in range(histograms.FIELDS)]
+        yield _counter(
+            "echod_access_log_dropped_lines",
+            "Access log lines dropped because the file could not take them at once",
+            block[histograms.ACCESS_LOG_DROPPED],
+        )
+        yield _counter(
+            "echod_tcp_retransmitted_segments",
+            "TCP segments retransmitted on the connections closed (TCP_INFO at close)",
+            block[histograms.TCP_RETRANSMITS],
+        )
+        for h in histograms.ALL:
+            buckets, total_sum = histograms.cumulative(h, block)
+            yield HistogramMetricFamily(h.name, h.help, buckets=buckets, sum_value=total_sum)
 
     def _current(self, master: list[int], workers: Iterable[list[int]], fresh_only: bool) -> int:
         now = stats.monotonic_ms()

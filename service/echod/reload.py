@@ -46,6 +46,7 @@ class Reloader:
         try:
             new = self.load()
             logs.check_file(new.log.file)
+            logs.check_access_log(new.access_log)
             self._check_proxy_unchanged(new, held)
             addresses = new.all_addresses
             if self.listeners.shared:  # socket-activated: systemd owns the addresses

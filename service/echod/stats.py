@@ -14,6 +14,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from . import histograms
+
 # Worker row fields. Counters first (these are folded into the retired row), gauges after.
 ACCEPTED = 0
 CLOSED_CLIENT = 1
@@ -52,7 +54,10 @@ HEARTBEAT_MS = 32  # CLOCK_MONOTONIC milliseconds, written from the worker's own
 SLOT = 33
 HANDOVER_PID = 34  # written by the master before it retires the worker: whom to pass connections to
 TLS_ACTIVE = 35  # open TLS connections (also counted in ACTIVE)
-FIELDS = 36
+# Connection insight (histograms.py lays it out): counters and histograms, folded like the counters.
+INSIGHT = 36
+FIELDS = INSIGHT + histograms.FIELDS
+FOLDED = (*range(COUNTERS), *range(INSIGHT, FIELDS))
 
 STATE_FREE = 0
 STATE_STARTING = 1
@@ -92,7 +97,7 @@ MASTER_COUNTERS = (M_WORKER_RESTARTS, M_RELOAD_SUCCESS, M_RELOAD_FAILURE)
 MASTER_ROW = 0
 RETIRED_ROW = 1
 FIRST_WORKER_ROW = 2
-LAYOUT = FIELDS * 1000 + COUNTERS
+LAYOUT = FIELDS * 1000 + COUNTERS  # FIELDS grows with the insight block: a new layout
 
 
 def monotonic_ms() -> int:
@@ -153,7 +158,7 @@ class Stats:
         """Fold a dead worker's counters into the retired totals and free its row."""
         row, retired, master = self.row(index), self.row(RETIRED_ROW), self.master
         master[M_SEQUENCE] += 1
-        for field in range(COUNTERS):
+        for field in FOLDED:
             retired[field] += row[field]
         for field in range(FIELDS):
             row[field] = 0
@@ -175,7 +180,7 @@ class Stats:
         _, rows = other._consistent_rows()
         retired, master = self.row(RETIRED_ROW), self.master
         master[M_SEQUENCE] += 1
-        for field in range(COUNTERS):
+        for field in FOLDED:
             retired[field] += sum(row[field] for row in rows)
         for field in MASTER_COUNTERS:
             master[field] += other.master[field]

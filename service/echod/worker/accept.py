@@ -11,6 +11,7 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from .. import stats
@@ -79,6 +80,8 @@ class Acceptor:
         self.retired = False  # listeners closed for good
         self.resume_at = 0.0  # accepting is off until then (out of descriptors)
         self.reserve_fd = open_reserve()
+        # The access log's record of a connection rejected here (worker/insight.py), when it is on.
+        self.log_reject: Callable[[int, str, tuple[str, int], socket.socket], None] | None = None
 
     def start(self) -> None:
         core = self.core
@@ -150,15 +153,20 @@ class Acceptor:
                     return
                 continue  # ECONNABORTED, EPROTO...: that connection is gone, the next may not be
             if core.open >= self.max_connections:
+                if self.log_reject is not None:
+                    self.log_reject(fd, "limit", addr, lsock)
                 os.close(fd)
                 counts[stats.REJECTED_LIMIT] += 1
                 continue
             if peers.limit and not listener.proxy and not peers.admit(fd, addr[0]):
+                if self.log_reject is not None:
+                    self.log_reject(fd, "per_ip", addr, lsock)
                 os.close(fd)
                 counts[stats.REJECTED_PER_IP] += 1
                 continue
             os.set_blocking(fd, False)
             core.adopt(fd)
+            core.peer[fd] = addr
             counts[stats.ACCEPTED] += 1
             if listener.proxy:  # the client's address is in the header: limits wait for it
                 self.headers.start(fd, listener.tls)
@@ -176,9 +184,11 @@ class Acceptor:
             self.reserve_fd = -1
             for _ in range(ACCEPT_BATCH):
                 try:
-                    conn, _addr = lsock.accept()
+                    conn, addr = lsock.accept()
                 except OSError:
                     break
+                if self.log_reject is not None:
+                    self.log_reject(conn.fileno(), "emfile", addr, lsock)
                 conn.close()
                 self.core.counts[stats.REJECTED_EMFILE] += 1
             self.reserve_fd = open_reserve()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import select
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 from .. import stats
@@ -76,6 +78,12 @@ class Core:
         # Splice (io_mode splice/auto): fd -> echoed through a pipe now; never set in copy mode.
         self.splice_first = False
         self.spliced: list[bool] = [False] * INITIAL_FDS
+        # Per connection, for its close (worker/insight.py): when it was adopted, and the client's
+        # address from accept or a PROXY header (None: ask the socket).
+        self.born: list[float] = [0.0] * INITIAL_FDS
+        self.peer: list[tuple[str, int] | None] = [None] * INITIAL_FDS
+        self.header_bytes: dict[int, int] = {}  # fd -> length of its PROXY header (TCP_INFO counts it)
+        self.closing: Callable[[int, str], None] = _nothing  # sees every connection just before close
         self.counts = [0] * stats.COUNTERS
         self.tick = 0  # whole seconds of CLOCK_MONOTONIC, as of this loop turn
         self.turn = 0  # loop turns so far
@@ -89,6 +97,8 @@ class Core:
             self.table.extend([CLOSED] * extra)
             self.last.extend([0] * extra)
             self.spliced.extend([self.splice_first] * extra)
+            self.born.extend([0.0] * extra)
+            self.peer.extend([None] * extra)
 
     def watch(self, fd: int, state: Handler, events: int = EPOLLIN) -> None:
         """Register a descriptor that is not a client connection (listener, pipe, channel)."""
@@ -102,6 +112,8 @@ class Core:
         self.table[fd] = None
         self.last[fd] = self.tick
         self.spliced[fd] = self.splice_first
+        self.born[fd] = time.monotonic()
+        self.peer[fd] = None
         self.ep.register(fd, READING)
         if self.wheel is not None:
             self.wheel.add(fd, self.tick)
@@ -116,6 +128,8 @@ class Core:
         if self.wheel is not None:
             self.wheel.remove(fd)
         self.peers.forget(fd)
+        if self.header_bytes:
+            self.header_bytes.pop(fd, None)
 
     def close(self, fd: int, reason: str, error: OSError | None = None) -> None:
         state = self.table[fd]
@@ -125,6 +139,7 @@ class Core:
                 self.buffered -= pending
                 self.counts[stats.DROPPED_BYTES] += pending
             state.release()
+        self.closing(fd, reason)
         self.release(fd)
         os.close(fd)  # also removes it from the epoll set: nothing else holds this file
         self.open -= 1
@@ -140,3 +155,7 @@ class Core:
         except OSError as exc:
             error = exc
         self.close(fd, "error", error)
+
+
+def _nothing(fd: int, reason: str) -> None:
+    pass

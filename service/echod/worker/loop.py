@@ -39,6 +39,7 @@ from .accept import Acceptor
 from .core import EPOLLERR, EPOLLIN, Core
 from .echo import Echo
 from .handoff import Handoff
+from .insight import build as build_insight
 from .lifecycle import Lifecycle, Phase
 from .output import Watermarks
 from .peers import Peers
@@ -116,6 +117,10 @@ class Worker:
             core, listeners, proxied, settings.max_connections, self.limiter, self.proxied,
             contexts, self.tls,
         )  # fmt: skip
+        self.insight = build_insight(core, settings, int(row[stats.SLOT]), listeners)
+        self.access = self.insight.access
+        if self.access is not None:
+            self.acceptor.log_reject = self.insight.rejected
         # io_mode: "copy" never splices; "splice" splices every connection; "auto" moves a connection
         # to splice once a read brings BULK bytes (worker/splice.py).
         self.bulk = sys.maxsize
@@ -156,6 +161,8 @@ class Worker:
         try:
             self._loop()
         finally:
+            if self.access is not None:
+                self.access.flush()
             self._publish()
         return 0
 
@@ -179,6 +186,8 @@ class Worker:
         core = self.core
         poll, monotonic = core.ep.poll, time.monotonic
         serve = self._server()
+        # The access log's lines of this turn go out together, once the turn's events are handled.
+        pending, flush = ([], _no_flush) if self.access is None else (self.access.lines, self.access.flush)
         now = monotonic()
         turn = 0
         while True:
@@ -187,6 +196,8 @@ class Worker:
             core.tick = tick = int(now)
             core.turn = turn = turn + 1
             serve(events, tick)
+            if pending:
+                flush()
             # next_housekeeping is also forced to 0 by a signal, see Wakeup.
             if now >= self.next_housekeeping and self._housekeeping(now):
                 return
@@ -268,6 +279,8 @@ class Worker:
         self.limiter.prune(now)
         self.acceptor.resume(now)
         self.handoff.resume_inbox(now)
+        if self.access is not None:
+            self.access.retry()
         if phase is Phase.DRAINING:
             self.handoff.keep_going()
         if os.getppid() != self.master_pid and not lifecycle.close_asked:
@@ -276,6 +289,8 @@ class Worker:
         phase = lifecycle.advance(now)
         self.row[stats.STATE] = stats.STATE_ACCEPTING if lifecycle.accepting else stats.STATE_DRAINING
         self._report()
+        if self.access is not None:  # lines of connections closed above (timeouts) go out now
+            self.access.flush()
         self._publish()
         return phase is Phase.DONE
 
@@ -285,6 +300,8 @@ class Worker:
             signum = self.signalled.pop(0)
             if signum == signal.SIGUSR1:
                 logs.reopen()
+                if self.access is not None:
+                    self.access.reopen()
             elif signum == signal.SIGTERM:
                 lifecycle.stop(now)
             elif signum == signal.SIGUSR2:  # retirement: a reload, or fewer workers
@@ -312,7 +329,13 @@ class Worker:
         row, core = self.row, self.core
         for field, value in enumerate(core.counts):
             row[field] = value
+        for field, value in enumerate(self.insight.hist, stats.INSIGHT):
+            row[field] = value
         row[stats.ACTIVE] = core.open
         row[stats.BUFFERED] = core.buffered
         row[stats.TLS_ACTIVE] = self.tls.active
         row[stats.HEARTBEAT_MS] = stats.monotonic_ms()
+
+
+def _no_flush() -> None:
+    pass

@@ -59,6 +59,7 @@ class Proxied:
         if not chunk:  # closed before sending a whole header
             core.close(fd, "proxy_protocol")
             return
+        before = len(state.data)
         try:
             done = state.feed(chunk)
         except proxy.ProxyError as exc:
@@ -71,6 +72,9 @@ class Proxied:
         del self.awaiting[fd]
         core.table[fd] = None
         context = self.then_tls.pop(fd, None)
+        core.header_bytes[fd] = before + len(chunk) - len(rest)  # not echoed, but TCP_INFO counts it
+        if source is not None:
+            core.peer[fd] = source  # the access log's client
         if not self._admit(fd, source):
             return
         if context is not None:  # what followed the header starts the handshake

@@ -1,0 +1,194 @@
+"""The access log: one line per closed connection, written so that it can never block the loop.
+
+Lines gather in `lines` and go out once per loop turn (worker/loop.py) in as few `write`s as fit:
+complete lines only, on a descriptor opened with O_APPEND, so lines from several workers never
+interleave; through a pipe or FIFO a write is at most PIPE_BUF bytes, which the kernel writes whole or
+not at all. The descriptor is non-blocking: when the file cannot keep up (a FIFO nobody reads, a full
+disk) the turn's lines are dropped and counted (echod_access_log_dropped_lines_total), and the echo goes
+on. A write cut short mid-line keeps that line's tail to go first next time, so no line is torn.
+
+"-" means the service log's stream: its file (log.file), else stderr, opened anew through
+/proc/self/fd/2 so that O_NONBLOCK stays ours (a pipe the master also writes to must keep blocking for
+it); a socket (the journal's stream) cannot be opened that way and is sent to with MSG_DONTWAIT.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .. import histograms
+
+log = logging.getLogger("echod.worker")
+
+FLAGS = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC
+MODE = 0o640
+FILE_CHUNK = 1 << 20  # bytes per write to a regular file: whole turns' worth in one
+PIPE_BUF = select.PIPE_BUF  # the most a pipe takes atomically
+
+
+class Record(NamedTuple):
+    worker: int
+    listener: str
+    client: str  # HOST:PORT, or a bare address (a PROXY client handed over without its port)
+    duration_us: int
+    bytes_in: int
+    bytes_out: int
+    reason: str
+    tcp: dict[str, int]
+
+
+class AccessLog:
+    def __init__(self, path: str, fmt: str, service_log: str, counts: list[int]) -> None:
+        self.path = service_log if path == "-" else path
+        self.stderr = path == "-" and not service_log
+        self.format = _json if fmt == "json" else _text
+        self.counts = counts  # the insight block: ACCESS_LOG_DROPPED
+        self.lines: list[str] = []  # this turn's, bound by the loop: never rebound
+        self.fd = -1
+        self.sock: socket.socket | None = None  # "-" on a socket: sent to with MSG_DONTWAIT
+        self.chunk = FILE_CHUNK
+        self.carry = b""  # the tail of a line a short write cut
+        self.failing = False  # an open failure was logged; the next success is too
+        self.second = -1
+        self.stamp = ""
+
+    # -- the file ---------------------------------------------------------------------------------
+    def open(self) -> None:
+        try:
+            if self.stderr:
+                self._open_stderr()
+            else:
+                self.fd = os.open(self.path, FLAGS | os.O_CREAT, MODE)
+        except OSError as exc:  # ENXIO: a FIFO nobody has open for reading yet
+            if not self.failing:
+                log.warning("cannot open access log %r (%s): dropping its lines until it opens",
+                            self.path or "stderr", exc.strerror)  # fmt: skip
+            self.failing = True
+            return
+        if self.failing:
+            log.info("access log %r open again", self.path or "stderr")
+            self.failing = False
+        self.carry = b""
+        self.chunk = FILE_CHUNK if stat.S_ISREG(os.fstat(self._fileno()).st_mode) else PIPE_BUF
+
+    def _open_stderr(self) -> None:
+        try:
+            self.fd = os.open("/proc/self/fd/2", FLAGS)
+        except OSError:  # a socket: share the descriptor, never its blocking mode
+            self.sock = socket.socket(fileno=os.dup(2))
+
+    def _fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else self.fd
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def reopen(self) -> None:
+        """SIGUSR1 (logrotate): write on to a fresh file of the same name."""
+        self.flush()
+        self.close()
+        self.open()
+
+    def retry(self) -> None:
+        """Once a second: a FIFO nobody read may have a reader now."""
+        if self.fd < 0 and self.sock is None:
+            self.open()
+
+    # -- lines ------------------------------------------------------------------------------------
+    def add(self, record: Record) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self.second:  # one strftime a second
+            self.second = second
+            self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        ts = f"{self.stamp}.{int((now - second) * 1000):03d}Z"
+        self.lines.append(self.format(ts, record))
+
+    def flush(self) -> None:
+        lines = self.lines
+        if not lines:
+            return
+        write = self._writer()
+        count = len(lines)
+        if write is None or (self.carry and not self._write_carry(write)):
+            self._drop(count)
+            return
+        data = "".join(lines).encode()
+        lines.clear()
+        at, size = 0, len(data)
+        while at < size:
+            end = at + self.chunk
+            if end < size:  # whole lines only
+                end = data.rfind(b"\n", at, end) + 1 or data.find(b"\n", at) + 1
+            try:
+                n = write(data[at:end])
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:  # ENOSPC, EIO; EPIPE: the reader went away, reopen later
+                if not self.failing:
+                    log.warning("access log %r: %s: dropping lines", self.path or "stderr", exc.strerror)
+                    self.failing = True
+                if exc.errno != errno.ENOSPC:  # a full disk may clear; anything else: open it again
+                    self.close()
+                n = 0
+            if n < end - at:
+                cut = at + n
+                tail = cut if n == 0 or data[cut - 1] == 10 else data.find(b"\n", cut) + 1
+                self.carry = data[cut:tail]
+                self._drop(data.count(b"\n", tail))
+                return
+            at = end
+
+    def _writer(self) -> Callable[[bytes], int] | None:
+        if self.sock is not None:
+            send = self.sock.send
+            return lambda data: send(data, socket.MSG_DONTWAIT)
+        if self.fd < 0:
+            return None
+        fd = self.fd
+        return lambda data: os.write(fd, data)
+
+    def _write_carry(self, write: Callable[[bytes], int]) -> bool:
+        try:
+            n = write(self.carry)
+        except OSError:
+            return False
+        self.carry = self.carry[n:]
+        return not self.carry
+
+    def _drop(self, count: int) -> None:
+        self.lines.clear()
+        self.counts[histograms.ACCESS_LOG_DROPPED] += count
+
+
+def _json(ts: str, r: Record) -> str:
+    # Built by hand, not json.dumps (3x the cost): every value is a number or an address/reason text
+    # that needs no escaping.
+    tcp = "".join(f',"{key}":{value}' for key, value in r.tcp.items())
+    return (
+        f'{{"ts":"{ts}","worker":{r.worker},"listener":"{r.listener}","client":"{r.client}",'
+        f'"duration_s":{r.duration_us / 1e6:.6f},"bytes_in":{r.bytes_in},"bytes_out":{r.bytes_out},'
+        f'"reason":"{r.reason}"{tcp}}}\n'
+    )
+
+
+def _text(ts: str, r: Record) -> str:
+    tcp = "".join(f" {key}={value}" for key, value in r.tcp.items())
+    return (
+        f"{ts} worker={r.worker} listener={r.listener} client={r.client} "
+        f"duration_s={r.duration_us / 1e6:.6f} bytes_in={r.bytes_in} bytes_out={r.bytes_out} "
+        f"reason={r.reason}{tcp}\n"
+    )
