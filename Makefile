@@ -3,8 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The compiled build (README "Building"): a non-editable install, as deploy/install.sh makes it, with
+# the data path compiled by mypyc. It is rebuilt whenever the source changes, so it is never stale.
+CVENV  ?= .venv-compiled
+CBIN   := $(CVENV)/bin
+CSTAMP := $(CVENV)/.installed
+SOURCES := pyproject.toml setup.py $(shell find service -name '*.py' -not -path '*/__pycache__/*')
+# The integration tests `make test` also runs on the interpreted build.
+INTERPRETED_TESTS ?= tests/test_build.py tests/test_echo.py tests/test_lifecycle.py tests/test_reliability.py
 
-.PHONY: run test lint system-deps bench bench-io soak clean
+.PHONY: run run-compiled test lint system-deps bench bench-io soak clean
 
 RUN_STAMP := $(VENV)/.run-installed
 
@@ -19,20 +27,32 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# ECHOD_COMPILE=1: no compiler is an error here, not a quiet interpreted build (setup.py).
+$(CSTAMP): $(SOURCES)
+	$(PYTHON) -m venv $(CVENV)
+	ECHOD_COMPILE=1 $(CBIN)/pip install --quiet --disable-pip-version-check '.[test]'
+	touch $@
+
 run: $(RUN_STAMP)
 	$(BIN)/echod run
+
+run-compiled: $(CSTAMP)
+	$(CBIN)/echod run
 
 # Debian packages the integration tests drive for real (promtool, prometheus, haproxy, systemd-analyze).
 system-deps:
 	@sh tests/install-system-deps.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check service tests bench setup.py
+	$(BIN)/ruff format --check service tests bench setup.py
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps lint
-	$(BIN)/pytest tests
+# The whole suite on the compiled build (what deploy/install.sh installs), then the daemon's
+# integration tests on the interpreted one (the editable .venv): the tests spawn sys.executable.
+test: $(STAMP) $(CSTAMP) system-deps lint
+	EXPECT_ECHOD_BUILD=compiled $(CBIN)/pytest tests
+	EXPECT_ECHOD_BUILD=interpreted $(BIN)/pytest $(INTERPRETED_TESTS)
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
@@ -40,8 +60,8 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 # Interleaved A/B rounds of echod against asyncio and uvloop echo servers; see bench/README.md.
-bench: $(BENCH_STAMP)
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+bench: $(BENCH_STAMP) $(CSTAMP)
+	$(BIN)/python bench/run.py --compiled-python $(CBIN)/python $(BENCH_ARGS)
 
 # The Linux IO models measured: thread-per-connection, select, poll, epoll LT/ET and echod vs idle
 # connections; see docs/io-models.md.
@@ -53,4 +73,4 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build service/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CVENV) build service/*.egg-info .pytest_cache .ruff_cache

@@ -139,8 +139,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
 }
 RSS = ("rss", "tls_rss")  # scenarios measuring memory per held connection, not CPU per unit of work
-DEFAULT_SERVERS = ["echod", "asyncio_proto", "uvloop_proto", "uvloop_tls"]
-TLS_SERVERS = {"echod", "echod_nometrics", "uvloop_tls"}  # the servers that can serve tls_* scenarios
+# echod: the interpreted build (this interpreter's); echod_compiled: the same flags, run by
+# --compiled-python, a Python whose echod is the mypyc-compiled build (README "Building").
+DEFAULT_SERVERS = ["echod_compiled", "echod", "asyncio_proto", "uvloop_proto", "uvloop_tls"]
+ECHOD_SERVERS = ("echod", "echod_compiled", "echod_nometrics", "echod_copy", "echod_splice")
+TLS_SERVERS = {"echod", "echod_compiled", "echod_nometrics", "uvloop_tls"}  # those that serve tls_* scenarios
 
 _running: list[subprocess.Popen[Any]] = []  # every process group this driver started and has not stopped
 
@@ -293,10 +296,12 @@ def server_command(
     """(argv, environment, extra port to wait for or 0) of server `name` listening on port (TLS if `tls`)."""
     env = dict(os.environ)
     py = sys.executable
-    if name in ("echod", "echod_nometrics", "echod_copy", "echod_splice"):
+    if name in ECHOD_SERVERS:
+        if name == "echod_compiled":
+            py = args.compiled_python
         for key in [k for k in env if k.startswith("ECHOD_")]:
             del env[key]  # defaults + the flags below only, whatever the caller's environment says
-        if importlib.util.find_spec("echod") is None:
+        if name != "echod_compiled" and importlib.util.find_spec("echod") is None:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [os.path.join(REPO, "service"), env.get("PYTHONPATH")])
             )
@@ -776,6 +781,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=CMD",
         help="extra server: a command with {port} (also {host} {py} {bench} {repo}); name it in --servers",
     )
+    ap.add_argument(
+        "--compiled-python",
+        metavar="PY",
+        help="a python whose echod is the compiled build, for echod_compiled (make bench: .venv-compiled)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 round, short runs")
     ap.add_argument("--out", default=RESULTS, help="folder for the .png and .jsonl (default: bench/results)")
     ap.add_argument("--report", metavar="JSONL", help="run nothing: print the tables and chart of a .jsonl")
@@ -804,8 +814,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for extra in ("echod_splice", "echod_copy"):
             if extra not in args.servers:
                 args.servers.insert(args.servers.index("echod") + 1, extra)
-    known = {"echod", "echod_nometrics", "echod_copy", "echod_splice", "asyncio_proto", "uvloop_proto"}
-    known.add("uvloop_tls")
+    known = {*ECHOD_SERVERS, "asyncio_proto", "uvloop_proto", "uvloop_tls"}
     known |= set(args.custom)
     for s in args.servers:
         if s not in known:
@@ -852,6 +861,20 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def compiled_problem(py: str | None) -> str | None:
+    """Why `py` cannot run echod_compiled (no such python, or its echod is interpreted), or None."""
+    if not py:
+        return "no --compiled-python given (make bench passes .venv-compiled/bin/python)"
+    probe = "import echod.build as b; print(b.describe()); raise SystemExit(0 if b.is_compiled() else 3)"
+    try:
+        done = subprocess.run([py, "-c", probe], capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        return f"{py}: {exc}"
+    if done.returncode != 0:
+        return f"{py}: echod is not the compiled build ({(done.stdout + done.stderr).strip()[-200:]})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
@@ -864,6 +887,9 @@ def main(argv: list[str] | None = None) -> int:
         if uv in servers and importlib.util.find_spec("uvloop") is None:
             print(f"warning: uvloop is not importable: skipping {uv} (pip install uvloop)", file=sys.stderr)
             servers.remove(uv)
+    if "echod_compiled" in servers and (problem := compiled_problem(args.compiled_python)):
+        print(f"warning: skipping echod_compiled: {problem}", file=sys.stderr)
+        servers.remove("echod_compiled")
     args.tls_files = make_tls_files() if any(SCENARIOS[s].get("tls") for s in args.scenarios) else None
     if not servers:
         print("no server to run", file=sys.stderr)

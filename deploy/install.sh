@@ -18,7 +18,9 @@
 # Environment: PREFIX, CONFDIR, UNITDIR, LOGROTATEDIR as above; PYTHON (default python3, 3.11+) creates
 # the venv, and must not live under /root or /home (ProtectHome=yes hides them from the unit; an unset
 # PYTHON then falls back to /usr/bin/python3); ordinary PIP_* variables (PIP_INDEX_URL, PIP_NO_INDEX,
-# PIP_FIND_LINKS ...) reach pip.
+# PIP_FIND_LINKS ...) reach pip; ECHOD_COMPILE (auto, 1 or 0; setup.py) chooses the mypyc-compiled data
+# path: by default compiled where a C compiler and Python's headers are, interpreted otherwise
+# (`echod --version` says which).
 set -eu
 
 PREFIX=${PREFIX:-/opt/echod}
@@ -89,9 +91,10 @@ install_file() {
 source_digest() {
     (
         cd "$SRC"
-        find pyproject.toml README.md service -type f ! -path '*/__pycache__/*' ! -path '*.egg-info/*' \
+        find pyproject.toml setup.py README.md service -type f ! -path '*/__pycache__/*' ! -path '*.egg-info/*' \
             ! -name '*.pyc' | LC_ALL=C sort | xargs sha256sum
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
+        printf 'ECHOD_COMPILE=%s\n' "${ECHOD_COMPILE:-auto}"
     ) | sha256sum | cut -d' ' -f1
 }
 
@@ -173,13 +176,13 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$digest" ] && [ -x "$VENV/bin/echod
 else
     # Build from a clean copy, so that the build leaves nothing (build/, *.egg-info) in the checkout.
     mkdir "$WORK/src"
-    cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/service" "$WORK/src/"
+    cp -R "$SRC/pyproject.toml" "$SRC/setup.py" "$SRC/README.md" "$SRC/service" "$WORK/src/"
     find "$WORK/src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
         "$WORK/src"
     printf '%s\n' "$digest" >"$STAMP"
     changed=yes
-    say "installed: echod $("$VENV/bin/echod" --version | cut -d' ' -f2) into $VENV"
+    say "installed: echod $("$VENV/bin/echod" --version | cut -d' ' -f2-) into $VENV"
 fi
 install_file "$SRC/README.md" "$PREFIX/README.md" 0644
 

@@ -347,3 +347,23 @@ def wait_metrics(
         shown = {k: v for k, v in sorted(last.items()) if k.startswith("echod_") and "master" not in k}
         raise AssertionError(f"{exc}; last metrics: {shown}\nlog:\n{daemon.log()[-4000:]}") from None
     return last
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test an installed echod that is not this checkout's source (README "Building"): the
+    compiled venv holds a non-editable install, which `make test` rebuilds whenever service/ changes,
+    but a bare `pytest` after an edit would test the old copy."""
+    import echod
+
+    installed = Path(echod.__file__).resolve().parent
+    source = Path(__file__).resolve().parent.parent / "service" / "echod"
+    if installed == source:
+        return
+    differ = sorted(
+        str(path.relative_to(source))
+        for path in source.rglob("*.py")
+        if not (installed / path.relative_to(source)).is_file()
+        or (installed / path.relative_to(source)).read_bytes() != path.read_bytes()
+    )
+    if differ:
+        pytest.exit(f"{installed} is not built from {source} ({', '.join(differ[:5])} differ): run make test")

@@ -26,6 +26,7 @@ from typing import Any
 import echod as echod_package
 import pytest
 from conftest import Daemon, echo_roundtrip, free_port, wait_for
+from echod import build as echod_build
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,7 +62,7 @@ SPEC_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
     "echod_worker_restarts_total": ("counter", {}),
     "echod_config_reloads_total": ("counter", {"result": {"success", "failure"}}),
     "echod_config_last_reload_successful": ("gauge", {}),
-    "echod_build_info": ("gauge", {"version": None}),
+    "echod_build_info": ("gauge", {"version": None, "compiled": None}),
 }
 # Extensions (README) that the alerting rules and the dashboard rely on.
 EXTENSION_METRICS: dict[str, tuple[str, dict[str, set[str] | None]]] = {
@@ -341,9 +342,11 @@ def test_spec_metrics_have_their_type_and_labels(echod):
                 problems.append(f"{name}: {label} values {sorted(map(str, seen))}, expected {sorted(values)}")
     assert not problems, "\n".join(problems) + f"\n--- exposition:\n{text}"
 
-    assert samples["echod_build_info"] == [{"version": echod_package.__version__}]
+    # The daemon runs the build the tests import (conftest.ECHOD): compiled or not, it says which.
+    compiled = "true" if echod_build.is_compiled() else "false"
+    assert samples["echod_build_info"] == [{"version": echod_package.__version__, "compiled": compiled}]
     values = keyed(text)
-    assert values[f'echod_build_info{{version="{echod_package.__version__}"}}'] == 1
+    assert values[f'echod_build_info{{compiled="{compiled}",version="{echod_package.__version__}"}}'] == 1
     assert values["echod_workers"] == 2 and values["echod_workers_configured"] == 2
     rss = [labels for labels in samples["echod_worker_resident_memory_bytes"]]
     assert sorted(labels["slot"] for labels in rss) == ["0", "1"], rss

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from . import __version__, daemon
+from . import build, daemon
 from .config import ConfigError, Settings, quote_key
 from .config_help import setting_fields, setting_help, setting_metavar
 from .config_load import config_path, load_settings
@@ -61,7 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echod", description="TCP echo service (RFC 862)")
-    parser.add_argument("--version", action="version", version=f"echod {__version__}")
+    parser.add_argument("--version", action="version", version=f"echod {build.describe()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("run", "run in the foreground (what systemd uses)"),
@@ -103,6 +104,9 @@ def load_from_args(args: argparse.Namespace) -> Callable[[], Settings]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "start") and (stale := build.check()):  # echod/build.py: never run old code
+        print(f"echod: {stale}", file=sys.stderr)
+        return 1
     handler: Callable[[argparse.Namespace], int] = {
         "run": cmd_run,
         "start": cmd_start,

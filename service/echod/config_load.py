@@ -58,7 +58,10 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 def _check_environment(environ: Mapping[str, str]) -> None:
     """A misspelt ECHOD_* variable is an error, as a misspelt key in the file is."""
-    known = {"ECHOD_CONFIG"} | {"ECHOD_" + key.upper().replace(".", "__") for key, _ in setting_fields()}
+    # ECHOD_COMPILE is setup.py's (build time): left exported in a shell, it must not stop the daemon.
+    known = {"ECHOD_CONFIG", "ECHOD_COMPILE"} | {
+        "ECHOD_" + key.upper().replace(".", "__") for key, _ in setting_fields()
+    }
     unknown = sorted(key for key in environ if key.upper().startswith("ECHOD_") and key.upper() not in known)
     if unknown:
         raise ConfigError("\n".join(f"{key}: unknown environment variable" for key in unknown))

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import logs, notify
+from . import build, logs, notify
 from .process import KILL_GRACE, Fork, MetricsProcess, SignalQueue, describe, reap_children, set_process_name
 from .reload import Reloader
 from .supervisor import Supervisor
@@ -93,7 +93,8 @@ class Master:
         self.metrics.start(self.fork, self.supervisor.settings.heartbeat_timeout)
         self.listeners.steer(self.supervisor.wanted)
         log.info(
-            "echod starting: listen %s, %d workers, metrics %s",
+            "echod %s starting: listen %s, %d workers, metrics %s",
+            build.describe(),
             ", ".join(str(self.listeners.bound_address(a)) for a in self.listeners.addresses),
             self.supervisor.wanted,
             self.supervisor.settings.metrics.listen or "off",

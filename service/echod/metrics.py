@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from . import __version__, histograms, stats
+from . import __version__, build, histograms, stats
 from .stats import Stats
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -100,9 +100,12 @@ class StatsCollector(Collector):
             master[stats.M_LAST_RELOAD_OK],
         )
         yield _gauge("echod_config_generation", "Configuration generation served", master[stats.M_GENERATION])
-        build = GaugeMetricFamily("echod_build_info", "echod version", labels=["version"])
-        build.add_metric([__version__], 1)
-        yield build
+        info = GaugeMetricFamily(
+            "echod_build_info", "echod version; compiled: the data path runs mypyc-compiled (echod/build.py)",
+            labels=["version", "compiled"],
+        )  # fmt: skip
+        info.add_metric([__version__, "true" if build.is_compiled() else "false"], 1)
+        yield info
         yield self._rss(workers, snap.others)
 
     @staticmethod
