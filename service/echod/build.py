@@ -33,6 +33,7 @@ COMPILED = (
     "echod.worker.output",
     "echod.worker.splice",
     "echod.worker.peers",
+    "echod.worker.tls",  # TlsConn subclasses core.Owing: no interpreted class may subclass a compiled one
     "echod.idle",
     "echod.udp",
 )
