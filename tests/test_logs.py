@@ -66,12 +66,13 @@ def test_text_logs_have_no_prefix_without_journal(echod):
     assert not any(line.startswith("<") for line in daemon.log().splitlines())
 
 
-def test_unwritable_log_file_is_a_config_error(tmp_path: Path):
+@pytest.mark.parametrize(("flag", "key"), [("--log-file", "log.file"), ("--access-log", "access_log")])
+def test_unwritable_log_file_is_a_config_error(tmp_path: Path, flag: str, key: str):
     result = subprocess.run(
         [
             *ECHOD,
             "run",
-            "--log-file",
+            flag,
             str(tmp_path / "missing-dir" / "echod.log"),
             "--listen",
             f"127.0.0.1:{free_port()}",
@@ -87,7 +88,7 @@ def test_unwritable_log_file_is_a_config_error(tmp_path: Path):
         },
     )
     assert result.returncode == 78, result.stderr
-    assert "log.file" in result.stderr
+    assert f"{key}: cannot open" in result.stderr
 
 
 def test_backlog_above_somaxconn_is_warned(echod):

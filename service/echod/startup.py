@@ -70,6 +70,12 @@ def prepare(load: Callable[[], Settings]) -> Prepared | int:
         print(f"echod: invalid configuration:\n  log.file: cannot open {settings.log.file!r}: {exc.strerror}",
               file=sys.stderr)  # fmt: skip
         return EX_CONFIG
+    try:
+        logs.check_access_log(settings.access_log)
+    except OSError as exc:
+        why = f"access_log: cannot open {settings.access_log!r}: {exc.strerror}"
+        print(f"echod: invalid configuration:\n  {why}", file=sys.stderr)
+        return EX_CONFIG
     limit = somaxconn()
     if limit is not None and settings.backlog > limit:
         log.warning("backlog %d is capped at net.core.somaxconn=%d", settings.backlog, limit)
