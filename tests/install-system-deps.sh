@@ -13,6 +13,10 @@ command -v logrotate >/dev/null 2>&1 || need="$need logrotate"
 command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
 command -v nsenter >/dev/null 2>&1 || need="$need util-linux"
 /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need="$need python3-venv"
+# The compiled build (README "Building"): a C compiler, and the headers of Debian's Python, which
+# deploy/install.sh builds with (the pyenv Python the venvs use carries its own).
+command -v cc >/dev/null 2>&1 || need="$need gcc"
+[ -f /usr/include/python3.11/Python.h ] || need="$need python3-dev"
 [ -z "$need" ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
