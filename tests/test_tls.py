@@ -11,6 +11,7 @@ import json
 import os
 import random
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -35,6 +36,9 @@ from conftest import (
     wait_metrics,
 )
 from echod.tls_config import TlsConfigError, build_context
+from echod.worker.core import Core
+from echod.worker.output import Watermarks
+from echod.worker.peers import Peers
 from echod.worker.tls import Tls, TlsConn
 
 IO_TIMEOUT = 10.0
@@ -197,9 +201,11 @@ def test_build_context_names_the_key_and_file(pki: Pki, tmp_path: Path) -> None:
         build_context(str(pki.cert), str(encrypted), "", "1.2")
 
 
-def test_record_framing_tells_a_boundary_from_a_truncated_record() -> None:
+def test_record_framing_tells_a_boundary_from_a_truncated_record(pki: Pki) -> None:
     rng = random.Random(17)
-    conn = TlsConn.__new__(TlsConn)
+    # A real TlsConn (a compiled build's classes cannot be made with __new__ alone), never on a socket.
+    tls = Tls(Core(select.epoll(), 65536, 0, Peers(0)), Watermarks(2, 1), 10.0)
+    conn = TlsConn(tls, build_context(str(pki.cert), str(pki.key), "", "1.2"), 0.0)
     for _ in range(200):
         bodies = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(rng.randrange(1, 6))]
         records = [bytes([23, 3, 3]) + len(body).to_bytes(2, "big") + body for body in bodies]
