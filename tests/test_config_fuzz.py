@@ -59,6 +59,9 @@ TOP_LEVEL = {
     "udp_rate_packets": "float",
     "udp_rate_bytes": "float",
     "udp_max_sources": "int",
+    "access_log": "str",
+    "access_log_format": "format",
+    "access_log_sample": "float",
 }
 TABLES = {"listeners"}  # tables whose keys are listen addresses, not fixed names
 SECTIONS = {

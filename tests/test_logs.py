@@ -25,7 +25,7 @@ def test_json_log_lines_are_objects(echod):
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {"ts", "level", "logger", "pid", "msg"} <= set(entries[0])
     messages = [entry["msg"] for entry in entries]
-    assert any(msg.startswith("echod starting") for msg in messages)
+    assert any(msg.startswith("echod ") and " starting: listen " in msg for msg in messages), messages
     assert any(msg.startswith("ready:") for msg in messages)
     assert any(msg.startswith("reload complete") for msg in messages)
     assert any(msg == "echod stopped" for msg in messages)

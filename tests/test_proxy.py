@@ -124,6 +124,7 @@ VALID: dict[str, tuple[bytes, tuple[str, int] | None]] = {
 assert len(V1_LONGEST) == 107 and len(VALID["v2-max-size"][0]) == MAX_HEADER
 
 MALFORMED: dict[str, bytes] = {
+    "v1-bare-lf-before-crlf": b"PROXY UNKNOWN \n\r\n",  # found by test_fuzz_arbitrary_bytes
     "http-request": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     "lowercase-v1": v1("proxy TCP4 192.0.2.1 198.51.100.2 1 2"),
     "misspelt-v1": v1("PROXZ TCP4 192.0.2.1 198.51.100.2 1 2"),

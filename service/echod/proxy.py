@@ -50,6 +50,8 @@ def _parse_v1(data: bytes) -> tuple[int, Source] | None:
         if len(data) >= V1_MAX or b"\n" in data[:V1_MAX]:
             raise ProxyError("PROXY v1 line not terminated by CRLF within 107 bytes")
         return None
+    if b"\n" in data[:end]:  # a bare LF before the CRLF: never a line a proxy sends
+        raise ProxyError("PROXY v1 line not terminated by CRLF within 107 bytes")
     fields = data[len(V1_PREFIX) : end].split(b" ")
     if fields[0] == b"UNKNOWN":
         return end + 2, None
