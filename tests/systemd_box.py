@@ -116,7 +116,7 @@ class Box:
                 why = CANNOT_MOUNT.get(code, f"systemd-nspawn exited with {code}")
                 raise BootFailed(f"{why}:\n{self.console_text()}")
             if not self.pid1:
-                self.pid1 = next(iter(_children(self.proc.pid)), 0)
+                self.pid1 = _container_init(self.proc.pid)
             if self.pid1:
                 state = self.sh("systemctl is-system-running", check=False, timeout=10).stdout.strip()
                 if state in ("running", "degraded"):
@@ -227,6 +227,26 @@ class Box:
                 comm = stat[stat.index("(") + 1 : stat.rindex(")")]
                 result[int(pid)] = (int(stat.rsplit(")", 1)[1].split()[1]), comm)
         return result
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _container_init(launcher: int) -> int:
+    """The container's systemd, once systemd-nspawn has started it; 0 until then. Until the launch
+    script has exec'd systemd-nspawn, its children are `mount` and `mkdir`: taking one of those for the
+    container's PID 1 (a loaded machine makes that likely) left every nsenter failing, and the boot
+    timed out (state '')."""
+    if _comm(launcher) != "systemd-nspawn":
+        return 0
+    for child in _children(launcher):
+        if _comm(child) == "systemd":
+            return child
+    return 0
 
 
 def _children(pid: int) -> list[int]:
