@@ -119,6 +119,9 @@ def spawn(
     argv = [sys.executable, "-m", "echod", *successor_args(sys.argv[1:])]
     try:
         answer = _spawn_orphan(argv, fds, {**os.environ, ENV: json.dumps(description)})
+    except OSError:
+        os.close(ready_r)
+        raise
     finally:
         os.close(ready_w)
     if not answer.isdigit():
@@ -131,7 +134,12 @@ def spawn(
 def _spawn_orphan(argv: list[str], fds: list[int], env: dict[str, str]) -> str:
     """Start argv from a child that exits at once; returns the new process's pid, or why not."""
     answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
-    intermediate = os.fork()
+    try:
+        intermediate = os.fork()
+    except OSError:
+        os.close(answer_r)
+        os.close(answer_w)
+        raise
     if intermediate == 0:
         code = 1
         try:
@@ -168,7 +176,10 @@ def report_ready(fd: int, worker_pids: list[int]) -> None:
     finally:
         os.close(fd)
     if not answer.startswith(b"main"):
+        # Not named MAINPID (the old master gave up on us, or died): what we hold would only be refused
+        # by systemd, or, with NotifyAccess=all, make a master that is being stopped the main process.
         log.warning("upgrade: the old master did not confirm the hand-over within %g s", ACK_TIMEOUT)
+        return
     notify.release()
 
 

@@ -64,7 +64,12 @@ Serve = Callable[[list[tuple[int, int]], int], None]
 
 
 class Wakeup:
-    """The signal wake-up pipe's read end: a signal makes this turn's housekeeping due at once."""
+    """The signal wake-up pipe's read end: its bytes are the numbers of the signals received (what
+    signal.set_wakeup_fd writes), queued for this very turn's housekeeping.
+
+    The numbers come from the pipe, not from the Python-level handler: in the compiled build the
+    handler runs only when interpreted code next runs, after _handle_signals had already found the
+    queue empty, so a TERM waited for the next second's housekeeping (a review of the mypyc build)."""
 
     __slots__ = ("fd", "worker")
 
@@ -73,9 +78,10 @@ class Wakeup:
         self.worker = worker
 
     def on_event(self, fd: int, ev: int) -> None:
+        signalled = self.worker.signalled
         try:
-            while os.read(self.fd, 512):
-                pass
+            while chunk := os.read(self.fd, 512):
+                signalled.extend(chunk)
         except BlockingIOError:
             pass
         self.worker.next_housekeeping = 0.0  # handle the signals on this very turn
@@ -179,7 +185,7 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {*HANDLED, *IGNORED, signal.SIGCHLD})
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        self.signalled.append(signum)  # handled by the loop (_handle_signals), never in the handler
+        """Nothing: the wake-up pipe carries the signal's number to the loop (see Wakeup)."""
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -234,7 +234,9 @@ class Tls:
         if not conn.out and conn.eof:
             core.close(fd, "shutdown" if conn.closing else "client")
             return
-        if conn.paused and len(conn.out) <= self.low and not core.over_budget():
+        # Drained, it reads again whatever the worker's budget says, as a plain connection does
+        # (worker/echo.py): paused with nothing pending, nothing would ever arm it again.
+        if conn.paused and (not conn.out or (len(conn.out) <= self.low and not core.over_budget())):
             conn.paused = False
         self._arm(fd, conn)
 
