@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from conftest import children, comm
+
 # What commands inside the container see: the machine's environment (PIP_*, a pyenv PATH, ...) stays out.
 ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -229,31 +231,17 @@ class Box:
         return result
 
 
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def _container_init(launcher: int) -> int:
     """The container's systemd, once systemd-nspawn has started it; 0 until then. Until the launch
     script has exec'd systemd-nspawn, its children are `mount` and `mkdir`: taking one of those for the
     container's PID 1 (a loaded machine makes that likely) left every nsenter failing, and the boot
     timed out (state '')."""
-    if _comm(launcher) != "systemd-nspawn":
+    if comm(launcher) != "systemd-nspawn":
         return 0
-    for child in _children(launcher):
-        if _comm(child) == "systemd":
+    for child in children(launcher):
+        if comm(child) == "systemd":
             return child
     return 0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:

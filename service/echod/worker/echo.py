@@ -76,14 +76,20 @@ class Echo:
             core.counts[stats.BACKPRESSURE_PAUSES] += 1
             core.ep.modify(fd, EPOLLOUT)
 
-    def _discard(self, fd: int, conn: Conn) -> None:
-        """A stop is closing it: what the client still sends is read and dropped until its FIN."""
+    def _recv(self, fd: int) -> bytes | None:
+        """One read; None if nothing came (would block) or the connection failed and is closed."""
         try:
-            data = os.read(fd, self.core.read_size)
+            return os.read(fd, self.core.read_size)
         except BlockingIOError:
-            return
+            return None
         except OSError as exc:
             self.core.close(fd, "error", exc)
+            return None
+
+    def _discard(self, fd: int, conn: Conn) -> None:
+        """A stop is closing it: what the client still sends is read and dropped until its FIN."""
+        data = self._recv(fd)
+        if data is None:
             return
         if not data:
             self.eof(fd, conn)
@@ -93,12 +99,8 @@ class Echo:
     def read_plain(self, fd: int) -> None:
         """One read of a plain connection outside the fast path, the copy way whatever its mode: a
         connection just drained, or one that splice cannot read (worker/splice.py)."""
-        try:
-            data = os.read(fd, self.core.read_size)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.core.close(fd, "error", exc)
+        data = self._recv(fd)
+        if data is None:
             return
         if not data:
             self.eof(fd, None)
