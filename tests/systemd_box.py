@@ -130,15 +130,22 @@ class Box:
     def teardown(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None and self.pid1:
-            with contextlib.suppress(subprocess.SubprocessError, OSError):
-                self.sh("systemctl poweroff", check=False, timeout=10)
+        if self.proc.poll() is None:
+            if self.pid1:
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    self.sh("systemctl poweroff", check=False, timeout=10)
+            else:  # a boot that never got as far: systemd-nspawn powers the container off on SIGTERM
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            # Killing the container's PID 1 kills every process of its PID namespace.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid1, signal.SIGKILL)
+            # Killing the container's PID 1 kills every process of its PID namespace; pid1 0 would be
+            # our own process group. (Before the PID 1 lookup was fixed, a wrong pid1 here left the
+            # container's systemd running after the tests.)
+            if self.pid1 > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid1, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
