@@ -175,12 +175,13 @@ def report_ready(fd: int, worker_pids: list[int]) -> None:
         pass
     finally:
         os.close(fd)
-    if not answer.startswith(b"main"):
-        # Not named MAINPID (the old master gave up on us, or died): what we hold would only be refused
-        # by systemd, or, with NotifyAccess=all, make a master that is being stopped the main process.
+    confirmed = answer.startswith(b"main")
+    if not confirmed:
+        # The old master gave up on us, died, or is an older echod that answers nothing. Our held
+        # READY/MAINPID would be refused by systemd, or (NotifyAccess=all) make a master that is being
+        # stopped the main process: drop it. Holding on would silence our watchdog pings for good.
         log.warning("upgrade: the old master did not confirm the hand-over within %g s", ACK_TIMEOUT)
-        return
-    notify.release()
+    notify.release(send_held=confirmed)
 
 
 def acknowledge(fd: int) -> None:

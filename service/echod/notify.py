@@ -84,14 +84,15 @@ def hold() -> None:
     _held = True
 
 
-def release() -> bool:
-    """We are systemd's main process now: send the latest held message, and a watchdog ping (the
-    old master's last one may be most of WatchdogSec= ago)."""
+def release(send_held: bool = True) -> bool:
+    """We are systemd's main process now: send the latest held message (unless `send_held` is False:
+    it carries MAINPID= and READY=1, which only a confirmed successor may say), and a watchdog ping
+    (the old master's last one may be most of WatchdogSec= ago). Either way nothing is held any more."""
     global _held, _latest_held
     if not _held:
         return False
     _held = False
-    lines, _latest_held = _latest_held, ()
+    lines, _latest_held = (_latest_held if send_held else ()), ()
     if watchdog_interval() is not None:
         lines = (*lines, "WATCHDOG=1")
     return notify(*lines) if lines else False
