@@ -16,6 +16,7 @@ from typing import Protocol
 
 from .. import stats
 from ..udp import RateLimiter, UdpEcho
+from .access_log import host_port
 from .core import EPOLLIN, Core
 
 log = logging.getLogger("echod.worker")
@@ -40,12 +41,13 @@ class TlsPhase(Protocol):
 class Listener:
     """One listening socket of our slot."""
 
-    __slots__ = ("acceptor", "proxy", "sock", "streak", "tls", "turn")
+    __slots__ = ("acceptor", "proxy", "sock", "streak", "text", "tls", "turn")
 
     def __init__(
         self, sock: socket.socket, proxy: bool, acceptor: Acceptor, tls: ssl.SSLContext | None = None
     ) -> None:
         self.sock = sock
+        self.text = host_port(sock.getsockname())  # HOST:PORT, for the access log
         self.proxy = proxy  # its connections begin with a PROXY protocol header
         self.tls = tls  # its connections speak TLS (after the PROXY header, if any)
         self.acceptor = acceptor
@@ -166,7 +168,9 @@ class Acceptor:
                 continue
             os.set_blocking(fd, False)
             core.adopt(fd)
-            core.peer[fd] = addr
+            if core.keep_peers:  # the access log's
+                core.peer[fd] = addr
+                core.via[fd] = listener.text
             counts[stats.ACCEPTED] += 1
             if listener.proxy:  # the client's address is in the header: limits wait for it
                 self.headers.start(fd, listener.tls)

@@ -22,9 +22,9 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
-from .. import histograms
+from .. import histograms, tcpinfo
+from ..tcpinfo import CWND, MIN_RTT, PMTU, RATE, RETRANSMITS, RTT, RTTVAR
 
 log = logging.getLogger("echod.worker")
 
@@ -34,19 +34,9 @@ FILE_CHUNK = 1 << 20  # bytes per write to a regular file: whole turns' worth in
 PIPE_BUF = select.PIPE_BUF  # the most a pipe takes atomically
 
 
-class Record(NamedTuple):
-    worker: int
-    listener: str
-    client: str  # HOST:PORT, or a bare address (a PROXY client handed over without its port)
-    duration_us: int
-    bytes_in: int
-    bytes_out: int
-    reason: str
-    tcp: dict[str, int]
-
-
 class AccessLog:
-    def __init__(self, path: str, fmt: str, service_log: str, counts: list[int]) -> None:
+    def __init__(self, path: str, fmt: str, service_log: str, counts: list[int], worker: int) -> None:
+        self.worker = worker  # our slot
         self.path = service_log if path == "-" else path
         self.stderr = path == "-" and not service_log
         self.format = _json if fmt == "json" else _text
@@ -108,14 +98,24 @@ class AccessLog:
             self.open()
 
     # -- lines ------------------------------------------------------------------------------------
-    def add(self, record: Record) -> None:
+    def add(
+        self,
+        listener: str,
+        client: str,  # HOST:PORT, or a bare address (a PROXY client handed over without its port)
+        duration_us: int,
+        bytes_in: int,
+        bytes_out: int,
+        reason: str,
+        tcp: tuple[int, ...] | None,  # tcpinfo.values()
+    ) -> None:
         now = time.time()
         second = int(now)
         if second != self.second:  # one strftime a second
             self.second = second
             self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         ts = f"{self.stamp}.{int((now - second) * 1000):03d}Z"
-        self.lines.append(self.format(ts, record))
+        head = ts, self.worker, listener, client, duration_us / 1e6, bytes_in, bytes_out, reason
+        self.lines.append(self.format(head, tcp))
 
     def flush(self) -> None:
         lines = self.lines
@@ -174,21 +174,35 @@ class AccessLog:
         self.counts[histograms.ACCESS_LOG_DROPPED] += count
 
 
-def _json(ts: str, r: Record) -> str:
+Head = tuple[str, int, str, str, float, int, int, str]  # ts .. reason, in the order of the fields
+
+
+def _json(h: Head, tcp: tuple[int, ...] | None) -> str:
     # Built by hand, not json.dumps (3x the cost): every value is a number or an address/reason text
     # that needs no escaping.
-    tcp = "".join(f',"{key}":{value}' for key, value in r.tcp.items())
+    line = (
+        f'{{"ts":"{h[0]}","worker":{h[1]},"listener":"{h[2]}","client":"{h[3]}","duration_s":{h[4]:.6f},'
+        f'"bytes_in":{h[5]},"bytes_out":{h[6]},"reason":"{h[7]}"'
+    )
+    if tcp is None:
+        return line + "}\n"
+    if tcp[MIN_RTT] >= 0 and tcp[RATE] >= 0:  # every field there (Linux >= 4.9): one format
+        return (
+            f'{line},"rtt_us":{tcp[RTT]},"rttvar_us":{tcp[RTTVAR]},"min_rtt_us":{tcp[MIN_RTT]},'
+            f'"retransmits":{tcp[RETRANSMITS]},"snd_cwnd":{tcp[CWND]},"pmtu":{tcp[PMTU]},'
+            f'"delivery_rate_bps":{tcp[RATE] * 8}}}\n'
+        )
+    return line + "".join(f',"{key}":{value}' for key, value in tcpinfo.log_fields(tcp).items()) + "}\n"
+
+
+def _text(h: Head, tcp: tuple[int, ...] | None) -> str:
+    fields = "" if tcp is None else "".join(f" {k}={v}" for k, v in tcpinfo.log_fields(tcp).items())
     return (
-        f'{{"ts":"{ts}","worker":{r.worker},"listener":"{r.listener}","client":"{r.client}",'
-        f'"duration_s":{r.duration_us / 1e6:.6f},"bytes_in":{r.bytes_in},"bytes_out":{r.bytes_out},'
-        f'"reason":"{r.reason}"{tcp}}}\n'
+        f"{h[0]} worker={h[1]} listener={h[2]} client={h[3]} duration_s={h[4]:.6f} bytes_in={h[5]} "
+        f"bytes_out={h[6]} reason={h[7]}{fields}\n"
     )
 
 
-def _text(ts: str, r: Record) -> str:
-    tcp = "".join(f" {key}={value}" for key, value in r.tcp.items())
-    return (
-        f"{ts} worker={r.worker} listener={r.listener} client={r.client} "
-        f"duration_s={r.duration_us / 1e6:.6f} bytes_in={r.bytes_in} bytes_out={r.bytes_out} "
-        f"reason={r.reason}{tcp}\n"
-    )
+def host_port(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

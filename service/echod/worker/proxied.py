@@ -73,7 +73,7 @@ class Proxied:
         core.table[fd] = None
         context = self.then_tls.pop(fd, None)
         core.header_bytes[fd] = before + len(chunk) - len(rest)  # not echoed, but TCP_INFO counts it
-        if source is not None:
+        if source is not None and core.keep_peers:
             core.peer[fd] = source  # the access log's client
         if not self._admit(fd, source):
             return
