@@ -34,6 +34,9 @@ COMPILED = (
     "echod.worker.splice",
     "echod.worker.peers",
     "echod.worker.tls",  # TlsConn subclasses core.Owing: no interpreted class may subclass a compiled one
+    "echod.worker.insight",  # every close: histograms and TCP_INFO (worker/insight.py)
+    "echod.worker.access_log",
+    "echod.tcpinfo",
     "echod.idle",
     "echod.udp",
 )

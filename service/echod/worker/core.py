@@ -83,9 +83,9 @@ class Core:
         # object per connection), and, only while the access log is on (keep_peers), the client's
         # address from accept or a PROXY header and its listener's text (None and "": ask the socket).
         self.born = array("d", bytes(8 * INITIAL_FDS))
-        self.keep_peers = False
-        self.peer: list[tuple[str, int] | None] = [None] * INITIAL_FDS
-        self.via: list[str] = [""] * INITIAL_FDS
+        self.keep_peers = False  # see keep_addresses; until then peer and via stay empty
+        self.peer: list[tuple[str, int] | None] = []
+        self.via: list[str] = []
         self.header_bytes: dict[int, int] = {}  # fd -> length of its PROXY header (TCP_INFO counts it)
         self.closing: Callable[[int, str], None] = _nothing  # sees every connection just before close
         self.counts = [0] * stats.COUNTERS
@@ -102,8 +102,15 @@ class Core:
             self.last.extend([0] * extra)
             self.spliced.extend([self.splice_first] * extra)
             self.born.frombytes(bytes(8 * extra))
-            self.peer.extend([None] * extra)
-            self.via.extend([""] * extra)
+            if self.keep_peers:
+                self.peer.extend([None] * extra)
+                self.via.extend([""] * extra)
+
+    def keep_addresses(self) -> None:
+        """Keep each connection's client address and listener from now on (the access log is on)."""
+        self.keep_peers = True
+        self.peer[:] = [None] * len(self.table)
+        self.via[:] = [""] * len(self.table)
 
     def watch(self, fd: int, state: Handler, events: int = EPOLLIN) -> None:
         """Register a descriptor that is not a client connection (listener, pipe, channel)."""

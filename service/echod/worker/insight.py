@@ -35,9 +35,8 @@ def build(core: Core, settings: Settings, slot: int, listeners: list[socket.sock
             settings.access_log, settings.access_log_format, settings.log.file, insight.hist, slot
         )
         insight.access.open()
-        # Addresses are kept per connection only for the log: 190 B a connection otherwise
-        # (bench/README.md, rss).
-        core.keep_peers = True
+        # Addresses are kept per connection only for the log: about 200 B a connection otherwise.
+        core.keep_addresses()
         core.closing = insight.logged
     insight.know_listeners(listeners)
     return insight
