@@ -95,6 +95,22 @@ def test_wheel_remove_forgets() -> None:
     assert len(wheel) == 0
 
 
+def test_wheel_memory_follows_open_connections_under_churn() -> None:
+    """100,000 connections come and go on 50 descriptors within one second: the bucket keeps about
+    the open ones (removed entries are compacted away), and each fd still expires exactly once."""
+    last = [0] * 128
+    wheel = IdleWheel(5, last, tick=0)
+    for n in range(100_000):
+        fd = 10 + n % 50
+        wheel.remove(fd)  # the connection that had this fd closed...
+        wheel.add(fd, 0)  # ...and a new one got it
+    bucket = wheel.buckets[5]
+    assert len(wheel) == bucket.live == 50
+    assert len(bucket.fds) <= 2 * 50 + 32, len(bucket.fds)
+    assert drain_wheel(wheel, 5) == list(range(10, 60))
+    assert len(wheel) == 0
+
+
 def test_wheel_reuse_of_fd_after_remove() -> None:
     last = [0] * 16
     wheel = IdleWheel(5, last, tick=0)
