@@ -72,9 +72,10 @@ class Proxied:
         del self.awaiting[fd]
         core.table[fd] = None
         context = self.then_tls.pop(fd, None)
-        core.header_bytes[fd] = before + len(chunk) - len(rest)  # not echoed, but TCP_INFO counts it
-        if source is not None and core.keep_peers:
-            core.peer[fd] = source  # the access log's client
+        if core.keep_peers:  # the access log's: its client, and bytes TCP_INFO counts but not echoed
+            core.header_bytes[fd] = before + len(chunk) - len(rest)
+            if source is not None:
+                core.peer[fd] = source
         if not self._admit(fd, source):
             return
         if context is not None:  # what followed the header starts the handshake
