@@ -113,8 +113,10 @@ class AccessLog:
         if second != self.second:  # one strftime a second
             self.second = second
             self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        ts = f"{self.stamp}.{int((now - second) * 1000):03d}Z"
-        head = ts, self.worker, listener, client, duration_us / 1e6, bytes_in, bytes_out, reason
+        head = (
+            self.stamp, int((now - second) * 1000), self.worker, listener, client, duration_us / 1e6,
+            bytes_in, bytes_out, reason,
+        )  # fmt: skip
         self.lines.append(self.format(head, tcp))
 
     def flush(self) -> None:
@@ -174,33 +176,43 @@ class AccessLog:
         self.counts[histograms.ACCESS_LOG_DROPPED] += count
 
 
-Head = tuple[str, int, str, str, float, int, int, str]  # ts .. reason, in the order of the fields
+# ts (to the second), its milliseconds, worker .. reason: the order of the fields.
+Head = tuple[str, int, int, str, str, float, int, int, str]
+
+# One %-format per line, not f-strings or json.dumps: 1.4 us against 1.7 and 3x that (a line of every
+# field). Every value is a number or an address/reason text that needs no escaping.
+_JSON = (
+    '{"ts":"%s.%03dZ","worker":%d,"listener":"%s","client":"%s","duration_s":%.6f,"bytes_in":%d,'
+    '"bytes_out":%d,"reason":"%s"'
+)
+_JSON_TCP = (
+    ',"rtt_us":%d,"rttvar_us":%d,"min_rtt_us":%d,"retransmits":%d,"snd_cwnd":%d,"pmtu":%d,'
+    '"delivery_rate_bps":%d}\n'
+)
+_JSON_ALL = _JSON + _JSON_TCP
+_TEXT = "%s.%03dZ worker=%d listener=%s client=%s duration_s=%.6f bytes_in=%d bytes_out=%d reason=%s"
 
 
 def _json(h: Head, tcp: tuple[int, ...] | None) -> str:
-    # Built by hand, not json.dumps (3x the cost): every value is a number or an address/reason text
-    # that needs no escaping.
-    line = (
-        f'{{"ts":"{h[0]}","worker":{h[1]},"listener":"{h[2]}","client":"{h[3]}","duration_s":{h[4]:.6f},'
-        f'"bytes_in":{h[5]},"bytes_out":{h[6]},"reason":"{h[7]}"'
-    )
     if tcp is None:
-        return line + "}\n"
+        return _JSON % h + "}\n"
     if tcp[MIN_RTT] >= 0 and tcp[RATE] >= 0:  # every field there (Linux >= 4.9): one format
-        return (
-            f'{line},"rtt_us":{tcp[RTT]},"rttvar_us":{tcp[RTTVAR]},"min_rtt_us":{tcp[MIN_RTT]},'
-            f'"retransmits":{tcp[RETRANSMITS]},"snd_cwnd":{tcp[CWND]},"pmtu":{tcp[PMTU]},'
-            f'"delivery_rate_bps":{tcp[RATE] * 8}}}\n'
+        return _JSON_ALL % (
+            *h,
+            tcp[RTT],
+            tcp[RTTVAR],
+            tcp[MIN_RTT],
+            tcp[RETRANSMITS],
+            tcp[CWND],
+            tcp[PMTU],
+            tcp[RATE] * 8,
         )
-    return line + "".join(f',"{key}":{value}' for key, value in tcpinfo.log_fields(tcp).items()) + "}\n"
+    return _JSON % h + "".join(f',"{key}":{value}' for key, value in tcpinfo.log_fields(tcp).items()) + "}\n"
 
 
 def _text(h: Head, tcp: tuple[int, ...] | None) -> str:
     fields = "" if tcp is None else "".join(f" {k}={v}" for k, v in tcpinfo.log_fields(tcp).items())
-    return (
-        f"{h[0]} worker={h[1]} listener={h[2]} client={h[3]} duration_s={h[4]:.6f} bytes_in={h[5]} "
-        f"bytes_out={h[6]} reason={h[7]}{fields}\n"
-    )
+    return _TEXT % h + fields + "\n"
 
 
 def host_port(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
