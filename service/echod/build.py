@@ -27,6 +27,7 @@ from . import __version__
 # to it: see README "Building"); a module mypyc cannot compile fails the build, naming it.
 COMPILED = (
     "echod.worker.loop",
+    "echod.worker.fastpath",
     "echod.worker.core",
     "echod.worker.accept",
     "echod.worker.echo",

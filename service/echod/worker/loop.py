@@ -15,7 +15,8 @@ Hot-path design (bench/README.md has the measurements behind it):
 
 The parts: accepting (worker/accept.py), the echo of a connection with state (worker/echo.py, its
 output in worker/output.py or worker/splice.py), the PROXY header phase (worker/proxied.py), handover
-(worker/handoff.py) and the lifecycle (worker/lifecycle.py). This module wires them and runs the loop.
+(worker/handoff.py) and the lifecycle (worker/lifecycle.py); the per-event path is worker/fastpath.py.
+This module wires them and runs the loop.
 """
 
 from __future__ import annotations
@@ -29,16 +30,15 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
-from typing import cast
 
 from .. import logs, stats
 from ..config import Settings
 from ..idle import IdleWheel
 from ..udp import RateLimiter
 from .accept import Acceptor
-from .core import EPOLLERR, EPOLLIN, Core
+from .core import Core
 from .echo import Echo
+from .fastpath import fast_path
 from .handoff import Handoff
 from .insight import build as build_insight
 from .lifecycle import Lifecycle, Phase
@@ -61,11 +61,6 @@ _REPORTED = (
     (stats.REJECTED_EMFILE, "rejected %d connections: out of file descriptors"),
     (stats.REJECTED_PER_IP, "rejected %d connections: max_connections_per_ip reached"),
 )
-
-Serve = Callable[[list[tuple[int, int]], int], None]
-# What the fast path hands os.read/os.write: Python ints it already has, never re-boxed per call (below).
-_Read = Callable[[object, object], bytes]
-_Write = Callable[[object, bytes], int]
 
 
 class Wakeup:
@@ -196,7 +191,7 @@ class Worker:
     def _loop(self) -> None:
         core = self.core
         poll, monotonic = core.ep.poll, time.monotonic
-        serve = self._server()
+        serve = fast_path(self.core, self.echo, self.bulk)
         # The access log's lines go out together: a turn's, or under churn up to LOG_BATCH lines' or
         # LOG_DELAY seconds' (a 330 B line to a file: 1.2 us as its own write, 0.2 us in a write of 64).
         pending, flush = ([], _no_flush) if self.access is None else (self.access.lines, self.access.flush)
@@ -214,78 +209,6 @@ class Worker:
             # next_housekeeping is also forced to 0 by a signal, see Wakeup.
             if now >= self.next_housekeeping and self._housekeeping(now):
                 return
-
-    def _server(self) -> Serve:
-        """Build `serve(events, tick)`, which handles one loop turn's events.
-
-        Everything the per-event path touches is bound here once, as a closure cell: no attribute or
-        global lookups per event, and no set-up per turn either (a loop turn carries about three events
-        under load, and building these locals on every turn cost 470 ns of it; now 180 ns).
-
-        Compiled, an `int` local is a C integer, boxed again into a new Python int whenever it is
-        passed to a Python function or stored in a list (any value above 256). So the values the fast
-        path passes on stay Python objects: the descriptor as epoll gave it, the read size boxed here
-        once, the tick boxed once per turn and stored into `last` as that one object. Re-boxing cost
-        an allocation per call and per store (the fd twice per message past fd 256, the size and the
-        tick once each), and `last` then held a distinct int per connection, freed on its next store.
-        """
-        core = self.core
-        read, write = cast(_Read, os.read), cast(_Write, os.write)
-        table, counts = core.table, core.counts
-        last = cast("list[object]", core.last)  # holds ints, stored as the boxed tick (see above)
-        size: object = core.read_size
-        close, fail, eof, buffer = core.close, core.fail, self.echo.eof, self.echo.buffer
-        splice = self.echo.splice
-        spliced, bulk = core.spliced, self.bulk
-        IN, ERR = EPOLLIN, EPOLLERR
-        RECEIVED, SENT, DROPPED = stats.RECEIVED_BYTES, stats.SENT_BYTES, stats.DROPPED_BYTES
-
-        def serve(events: list[tuple[int, int]], tick: int) -> None:
-            """A plain connection takes the fast path; every other state handles its own event."""
-            received = sent = 0
-            stamp: object = tick
-            for fdo, ev in cast("list[tuple[object, int]]", events):
-                fd = cast(int, fdo)
-                state = table[fd]
-                if state is not None:
-                    state.on_event(fd, ev)
-                    continue
-                if ev != IN and ev & ERR:  # readable with RDHUP/HUP reads below, and sees the EOF
-                    fail(fd)
-                    continue
-                if spliced[fd]:
-                    splice(fd, tick)
-                    continue
-                try:
-                    data = read(fdo, size)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    close(fd, "error", exc)
-                    continue
-                if not data:
-                    eof(fd, None)
-                    continue
-                last[fd] = stamp
-                k = len(data)
-                received += k
-                if k >= bulk:
-                    spliced[fd] = True
-                try:
-                    n = write(fdo, data)
-                except BlockingIOError:
-                    n = 0
-                except OSError as exc:  # reset between the read and the write
-                    counts[DROPPED] += k
-                    close(fd, "error", exc)
-                    continue
-                sent += n
-                if n != k:
-                    buffer(fd, data, n)
-            counts[RECEIVED] += received
-            counts[SENT] += sent
-
-        return serve
 
     # -- once a second ----------------------------------------------------------------------------
     def _housekeeping(self, now: float) -> bool:
