@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -465,3 +467,37 @@ def test_start_waits_for_the_daemons_word_but_not_for_ever(
             os.close(write_end)
     assert time.monotonic() - started < 5
     assert stderr in capsys.readouterr().err
+
+
+# -- worker/malloc.py --------------------------------------------------------------------------------
+
+_FASTBIN_PROBE = """
+import ctypes, sys
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "off":
+    from echod.worker.malloc import no_fastbins
+    no_fastbins()
+blocks = [libc.malloc(48) for _ in range(200)]  # past tcache's 7: the rest go to a fastbin
+for block in blocks:
+    libc.free(block)
+print(libc.mallinfo2().fsmblks)
+"""
+
+
+def test_no_fastbins_keeps_freed_small_blocks_out_of_fastbins() -> None:
+    """glibc's own count of bytes in fastbins: some by default, none once the worker turned them off."""
+
+    def fastbin_bytes(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FASTBIN_PROBE, mode], capture_output=True, text=True,
+                             timeout=30, check=True)  # fmt: skip
+        return int(out.stdout)
+
+    assert fastbin_bytes("on") > 0  # the probe sees fastbins at all (glibc's default)
+    assert fastbin_bytes("off") == 0

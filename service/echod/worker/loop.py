@@ -42,6 +42,7 @@ from .fastpath import fast_path
 from .handoff import Handoff
 from .insight import build as build_insight
 from .lifecycle import Lifecycle, Phase
+from .malloc import no_fastbins
 from .output import Watermarks
 from .peers import Peers
 from .proxied import Proxied
@@ -159,6 +160,7 @@ class Worker:
 
     # -- set-up ---------------------------------------------------------------------------------
     def run(self) -> int:
+        no_fastbins()  # worker/malloc.py: a malloc_consolidate per message otherwise
         self._install_signals()
         self.handoff.listen()
         self.acceptor.start()
