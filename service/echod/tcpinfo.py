@@ -82,9 +82,10 @@ NOTSENT, MIN_RTT, RATE, SENT, RETRANS = range(8, 13)
 def fetch(fd: int) -> bytes | None:
     """The raw TCP_INFO of connection `fd`, None if the kernel gives none (not a TCP socket)."""
     # Borrowed as the bare C socket type (socket.socket's Python layer doubles the cost), with family
-    # and type given so that the constructor asks the kernel nothing; getsockopt works on the
-    # descriptor whatever its family (IPv6 too). detach(): the caller closes it. 1.2 us in all here,
-    # 0.55 of it the getsockopt itself (re-initialising one kept socket object is no cheaper).
+    # and type given; CPython 3.11's constructor still checks the descriptor with a getsockname
+    # (bench/results/profile-compiled-2026-12-03.md). getsockopt works on the descriptor whatever its
+    # family (IPv6 too). detach(): the caller closes it. 0.9-1.2 us in all here, 0.55 of it the
+    # getsockopt; re-initialising one kept socket object is no cheaper, nor is ctypes' getsockopt (1.4).
     sock = _socket.socket(_AF_INET, _SOCK_STREAM, 0, fd)
     try:
         return sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, ASK)
