@@ -49,15 +49,7 @@ class IdleWheel:
         due = self.due
         if fd >= len(due):
             due.frombytes(bytes(8 * max(fd + 1 - len(due), len(due))))
-        deadline = tick + self.timeout
-        due[fd] = deadline  # _schedule, inlined: once per connection
-        bucket = self.buckets.get(deadline)
-        if bucket is None:
-            bucket = self.buckets[deadline] = _Bucket()
-        fds = bucket.fds
-        fds.append(fd)
-        if len(fds) > bucket.limit:
-            bucket.compact(deadline, due)
+        self._schedule(fd, tick + self.timeout)
 
     def _schedule(self, fd: int, deadline: int) -> None:
         self.due[fd] = deadline  # any earlier entry of fd is stale from now on
