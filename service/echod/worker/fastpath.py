@@ -50,7 +50,8 @@ def fast_path(core: Core, echo: Echo, bulk: int) -> Serve:
         received = sent = 0
         stamp: object = tick
         for fdo, ev in cast("list[tuple[object, int]]", events):
-            fd = cast(int, fdo)
+            # Not cast(int, fdo): interpreted, that is a call per event (65 ns of a 4.4 us message).
+            fd: int = fdo  # type: ignore[assignment]  # the same object, unboxed by mypyc
             state = table[fd]
             if state is not None:
                 state.on_event(fd, ev)
