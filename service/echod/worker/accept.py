@@ -83,7 +83,7 @@ class Acceptor:
         self.resume_at = 0.0  # accepting is off until then (out of descriptors)
         self.reserve_fd = open_reserve()
         # The access log's record of a connection rejected here (worker/insight.py), when it is on.
-        self.log_reject: Callable[[int, str, tuple[str, int], socket.socket], None] | None = None
+        self.log_reject: Callable[[int, str, tuple[str, int], str], None] | None = None
 
     def start(self) -> None:
         core = self.core
@@ -151,18 +151,18 @@ class Acceptor:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.shed(lsock)
+                    self.shed(listener)
                     return
                 continue  # ECONNABORTED, EPROTO...: that connection is gone, the next may not be
             if core.open >= self.max_connections:
                 if self.log_reject is not None:
-                    self.log_reject(fd, "limit", addr, lsock)
+                    self.log_reject(fd, "limit", addr, listener.text)
                 os.close(fd)
                 counts[stats.REJECTED_LIMIT] += 1
                 continue
             if peers.limit and not listener.proxy and not peers.admit(fd, addr[0]):
                 if self.log_reject is not None:
-                    self.log_reject(fd, "per_ip", addr, lsock)
+                    self.log_reject(fd, "per_ip", addr, listener.text)
                 os.close(fd)
                 counts[stats.REJECTED_PER_IP] += 1
                 continue
@@ -177,7 +177,7 @@ class Acceptor:
             elif listener.tls is not None and self.tls is not None:
                 self.tls.start(fd, listener.tls)
 
-    def shed(self, lsock: socket.socket) -> None:
+    def shed(self, listener: Listener) -> None:
         """Out of descriptors: free the reserve fd to accept-and-close what is queued (libuv's trick).
 
         Without this, level-triggered epoll would report the listener ready forever and spin the CPU.
@@ -188,11 +188,11 @@ class Acceptor:
             self.reserve_fd = -1
             for _ in range(ACCEPT_BATCH):
                 try:
-                    conn, addr = lsock.accept()
+                    conn, addr = listener.sock.accept()
                 except OSError:
                     break
                 if self.log_reject is not None:
-                    self.log_reject(conn.fileno(), "emfile", addr, lsock)
+                    self.log_reject(conn.fileno(), "emfile", addr, listener.text)
                 conn.close()
                 self.core.counts[stats.REJECTED_EMFILE] += 1
             self.reserve_fd = open_reserve()

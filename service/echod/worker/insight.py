@@ -105,11 +105,10 @@ class Insight:
             client_text = core.peers.address(fd) or (host_port(peer) if peer is not None else "")
         access.add(listener, client_text, duration_us, bytes_in, bytes_out, reason, v)
 
-    def rejected(self, fd: int, reason: str, peer: tuple[str, int], lsock: socket.socket) -> None:
+    def rejected(self, fd: int, reason: str, peer: tuple[str, int], listener: str) -> None:
         """A connection accepted and closed at once (limits, out of descriptors): logged, no bytes."""
         if self.access is None or (self.sample < 1.0 and random.random() >= self.sample):
             return
-        listener = self.listeners.get(lsock.getsockname()[:2], "")
         self.access.add(listener, host_port(peer), 0, 0, 0, reason, None)
 
     def _addresses(self, fd: int) -> tuple[str, tuple[str, int] | None]:
