@@ -138,12 +138,6 @@ def log_fields(v: tuple[int, ...]) -> dict[str, int]:
     return {key: value for key, value in out.items() if value >= 0}
 
 
-def read(fd: int) -> TcpInfo | None:
-    """The TCP_INFO of connection `fd` with its fields named (tests/test_tcpinfo.py)."""
-    raw = fetch(fd)
-    return None if raw is None else parse(raw)
-
-
 def parse(raw: bytes) -> TcpInfo | None:
     size = len(raw)
     if size >= FULL_SIZE:
