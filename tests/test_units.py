@@ -501,3 +501,26 @@ def test_no_fastbins_keeps_freed_small_blocks_out_of_fastbins() -> None:
 
     assert fastbin_bytes("on") > 0  # the probe sees fastbins at all (glibc's default)
     assert fastbin_bytes("off") == 0
+
+
+# -- access-log lines ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("duration_us", [0, 7, 999_999, 1_000_000, 1_234_567, 90_061_000_001])
+@pytest.mark.parametrize("ms", [0, 9, 999])
+def test_json_line_fast_path_writes_the_same_text_as_the_format(duration_us: int, ms: int) -> None:
+    """add() builds nearly every line with _json_line (pieces joined, faster compiled); any other line
+    comes from _json's %-format. Both must give the same text, and it must be the JSON the log promises."""
+    import json
+
+    from echod.worker import access_log
+
+    tcp = (1, 65535, 57, 19, 10, 3, 0, 0, 0, 11, 123_456_789, 0, 0)  # tcpinfo.values() order
+    args = ("2026-12-03T17:00:00", ms, 3, "127.0.0.1:7007", "[::1]:40000", duration_us, 10, 20, "client")
+    head = (*args[:5], duration_us / 1e6, *args[6:])
+    line = access_log._json_line(*args, tcp)
+    assert line == access_log._json(head, tcp)
+    entry = json.loads(line)
+    assert entry["ts"] == f"2026-12-03T17:00:00.{ms:03d}Z"
+    assert entry["duration_s"] == pytest.approx(duration_us / 1e6, abs=1e-9)
+    assert (entry["rtt_us"], entry["min_rtt_us"], entry["delivery_rate_bps"]) == (57, 11, 987_654_312)

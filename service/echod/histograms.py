@@ -14,7 +14,7 @@ empty connection to a bulk transfer.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 
 class Histogram(NamedTuple):
@@ -26,8 +26,8 @@ class Histogram(NamedTuple):
 
 
 # Plain counters of the block, first.
-ACCESS_LOG_DROPPED = 0  # access-log lines dropped (worker/access_log.py)
-TCP_RETRANSMITS = 1  # retransmitted segments (tcpi_total_retrans) of the connections closed
+ACCESS_LOG_DROPPED: Final = 0  # access-log lines dropped (worker/access_log.py)
+TCP_RETRANSMITS: Final = 1  # retransmitted segments (tcpi_total_retrans) of the connections closed
 
 _US = 1_000_000
 DURATION_US = (

@@ -13,56 +13,57 @@ import mmap
 import os
 import time
 from dataclasses import dataclass
+from typing import Final
 
 from . import histograms
 
 # Worker row fields. Counters first (these are folded into the retired row), gauges after.
-ACCEPTED = 0
-CLOSED_CLIENT = 1
-CLOSED_TIMEOUT = 2
-CLOSED_ERROR = 3
-CLOSED_SHUTDOWN = 4
-REJECTED_LIMIT = 5
-REJECTED_EMFILE = 6
-RECEIVED_BYTES = 7
-SENT_BYTES = 8
-PARTIAL_WRITES = 9
-BACKPRESSURE_PAUSES = 10
-DROPPED_BYTES = 11
-HANDED_OVER = 12  # established connections passed to a successor worker
-REJECTED_PER_IP = 13
-CLOSED_PROXY = 14  # PROXY protocol header missing, malformed or too slow
-CLOSED_REJECTED = 15  # refused once its PROXY header named the client (max_connections_per_ip)
-UDP_RECEIVED_PACKETS = 16
-UDP_RECEIVED_BYTES = 17
-UDP_SENT_PACKETS = 18
-UDP_SENT_BYTES = 19
-UDP_DROPPED_PORT = 20  # from a well-known port: never answered (echo/chargen loops, reflection)
-UDP_DROPPED_RATE = 21  # over the source's token bucket
-UDP_DROPPED_SOURCES = 22  # udp_max_sources sources already being tracked
-UDP_DROPPED_SEND = 23  # the reply could not be sent (socket buffer full, unreachable)
-CLOSED_TLS = 24  # TLS handshake failed or timed out, or the TLS stream broke (worker/tls.py)
-TLS_HANDSHAKES_OK = 25
-TLS_HANDSHAKES_FAILED = 26
-COUNTERS = 27
-ACTIVE = 27
-BUFFERED = 28
-PID = 29
-GENERATION = 30
-STATE = 31  # see STATE_* below
-HEARTBEAT_MS = 32  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
-SLOT = 33
-HANDOVER_PID = 34  # written by the master before it retires the worker: whom to pass connections to
-TLS_ACTIVE = 35  # open TLS connections (also counted in ACTIVE)
+ACCEPTED: Final = 0
+CLOSED_CLIENT: Final = 1
+CLOSED_TIMEOUT: Final = 2
+CLOSED_ERROR: Final = 3
+CLOSED_SHUTDOWN: Final = 4
+REJECTED_LIMIT: Final = 5
+REJECTED_EMFILE: Final = 6
+RECEIVED_BYTES: Final = 7
+SENT_BYTES: Final = 8
+PARTIAL_WRITES: Final = 9
+BACKPRESSURE_PAUSES: Final = 10
+DROPPED_BYTES: Final = 11
+HANDED_OVER: Final = 12  # established connections passed to a successor worker
+REJECTED_PER_IP: Final = 13
+CLOSED_PROXY: Final = 14  # PROXY protocol header missing, malformed or too slow
+CLOSED_REJECTED: Final = 15  # refused once its PROXY header named the client (max_connections_per_ip)
+UDP_RECEIVED_PACKETS: Final = 16
+UDP_RECEIVED_BYTES: Final = 17
+UDP_SENT_PACKETS: Final = 18
+UDP_SENT_BYTES: Final = 19
+UDP_DROPPED_PORT: Final = 20  # from a well-known port: never answered (echo/chargen loops, reflection)
+UDP_DROPPED_RATE: Final = 21  # over the source's token bucket
+UDP_DROPPED_SOURCES: Final = 22  # udp_max_sources sources already being tracked
+UDP_DROPPED_SEND: Final = 23  # the reply could not be sent (socket buffer full, unreachable)
+CLOSED_TLS: Final = 24  # TLS handshake failed or timed out, or the TLS stream broke (worker/tls.py)
+TLS_HANDSHAKES_OK: Final = 25
+TLS_HANDSHAKES_FAILED: Final = 26
+COUNTERS: Final = 27
+ACTIVE: Final = 27
+BUFFERED: Final = 28
+PID: Final = 29
+GENERATION: Final = 30
+STATE: Final = 31  # see STATE_* below
+HEARTBEAT_MS: Final = 32  # CLOCK_MONOTONIC milliseconds, written from the worker's own event loop
+SLOT: Final = 33
+HANDOVER_PID: Final = 34  # written by the master before it retires the worker: whom to pass connections to
+TLS_ACTIVE: Final = 35  # open TLS connections (also counted in ACTIVE)
 # Connection insight (histograms.py lays it out): counters and histograms, folded like the counters.
-INSIGHT = 36
-FIELDS = INSIGHT + histograms.FIELDS
+INSIGHT: Final = 36
+FIELDS: Final = INSIGHT + histograms.FIELDS
 FOLDED = (*range(COUNTERS), *range(INSIGHT, FIELDS))
 
-STATE_FREE = 0
-STATE_STARTING = 1
-STATE_ACCEPTING = 2
-STATE_DRAINING = 3
+STATE_FREE: Final = 0
+STATE_STARTING: Final = 1
+STATE_ACCEPTING: Final = 2
+STATE_DRAINING: Final = 3
 
 CLOSE_REASONS = {
     "client": CLOSED_CLIENT,
@@ -82,22 +83,22 @@ UDP_DROP_REASONS = {
 }
 
 # Master row fields.
-M_SEQUENCE = 0  # odd while the master is folding a row
-M_GENERATION = 1
-M_WORKERS_WANTED = 2
-M_WORKER_RESTARTS = 3
-M_RELOAD_SUCCESS = 4
-M_RELOAD_FAILURE = 5
-M_LAST_RELOAD_OK = 6
-M_MASTER_PID = 7
-M_LAYOUT = 8  # LAYOUT: a successor only carries totals over from a table it understands
-M_CARRIED = 9  # 1 once the predecessor's totals are folded into ours (in-place upgrade)
+M_SEQUENCE: Final = 0  # odd while the master is folding a row
+M_GENERATION: Final = 1
+M_WORKERS_WANTED: Final = 2
+M_WORKER_RESTARTS: Final = 3
+M_RELOAD_SUCCESS: Final = 4
+M_RELOAD_FAILURE: Final = 5
+M_LAST_RELOAD_OK: Final = 6
+M_MASTER_PID: Final = 7
+M_LAYOUT: Final = 8  # LAYOUT: a successor only carries totals over from a table it understands
+M_CARRIED: Final = 9  # 1 once the predecessor's totals are folded into ours (in-place upgrade)
 MASTER_COUNTERS = (M_WORKER_RESTARTS, M_RELOAD_SUCCESS, M_RELOAD_FAILURE)
 
-MASTER_ROW = 0
-RETIRED_ROW = 1
-FIRST_WORKER_ROW = 2
-LAYOUT = FIELDS * 1000 + COUNTERS  # FIELDS grows with the insight block: a new layout
+MASTER_ROW: Final = 0
+RETIRED_ROW: Final = 1
+FIRST_WORKER_ROW: Final = 2
+LAYOUT: Final = FIELDS * 1000 + COUNTERS  # FIELDS grows with the insight block: a new layout
 
 
 def monotonic_ms() -> int:

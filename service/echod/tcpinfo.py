@@ -17,7 +17,7 @@ from __future__ import annotations
 import _socket
 import socket
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 # Offsets in struct tcp_info.
 _FIELDS = (
@@ -35,10 +35,16 @@ _FIELDS = (
     ("bytes_sent", 200, "Q"),  # Linux 5.5
     ("bytes_retrans", 208, "Q"),  # Linux 5.5
 )
-FULL_SIZE = 216  # everything above is there from this length on
-ASK = 232  # bytes asked for: enough for every field used, whatever the kernel's own size
-STATE_CLOSE, STATE_CLOSE_WAIT, STATE_LAST_ACK, STATE_CLOSING, STATE_TIME_WAIT = 7, 8, 9, 11, 6
-_FIN_IN = frozenset((STATE_CLOSE_WAIT, STATE_LAST_ACK, STATE_CLOSING, STATE_TIME_WAIT))
+# Final throughout: compiled, a literal is inlined and anything else is a C static, not a dict lookup
+# per close (worker/insight.py).
+FULL_SIZE: Final = 216  # everything above is there from this length on
+ASK: Final = 232  # bytes asked for: enough for every field used, whatever the kernel's own size
+STATE_CLOSE: Final = 7
+STATE_CLOSE_WAIT: Final = 8
+STATE_LAST_ACK: Final = 9
+STATE_CLOSING: Final = 11
+STATE_TIME_WAIT: Final = 6
+_FIN_IN: Final = frozenset((STATE_CLOSE_WAIT, STATE_LAST_ACK, STATE_CLOSING, STATE_TIME_WAIT))
 
 
 def _format() -> struct.Struct:
@@ -70,13 +76,27 @@ class TcpInfo(NamedTuple):
     size: int  # bytes the kernel returned: fields past it are missing (-1 here)
 
 
-_IPPROTO_TCP, _TCP_INFO = socket.IPPROTO_TCP, socket.TCP_INFO
-_AF_INET, _SOCK_STREAM = socket.AF_INET, socket.SOCK_STREAM
-_unpack = _FULL.unpack_from
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_TCP_INFO: Final = socket.TCP_INFO
+_AF_INET: Final = int(socket.AF_INET)
+_SOCK_STREAM: Final = int(socket.SOCK_STREAM)
+_borrow: Final = _socket.socket
+_unpack: Final = _FULL.unpack_from
 
 # Positions in `values()`' tuple (the order of _FIELDS).
-STATE, PMTU, RTT, RTTVAR, CWND, RETRANSMITS, ACKED, RECEIVED = range(8)
-NOTSENT, MIN_RTT, RATE, SENT, RETRANS = range(8, 13)
+STATE: Final = 0
+PMTU: Final = 1
+RTT: Final = 2
+RTTVAR: Final = 3
+CWND: Final = 4
+RETRANSMITS: Final = 5
+ACKED: Final = 6
+RECEIVED: Final = 7
+NOTSENT: Final = 8
+MIN_RTT: Final = 9
+RATE: Final = 10
+SENT: Final = 11
+RETRANS: Final = 12
 
 
 def fetch(fd: int) -> bytes | None:
@@ -86,7 +106,7 @@ def fetch(fd: int) -> bytes | None:
     # (bench/results/profile-compiled-2026-12-03.md). getsockopt works on the descriptor whatever its
     # family (IPv6 too). detach(): the caller closes it. 0.9-1.2 us in all here, 0.55 of it the
     # getsockopt; re-initialising one kept socket object is no cheaper, nor is ctypes' getsockopt (1.4).
-    sock = _socket.socket(_AF_INET, _SOCK_STREAM, 0, fd)
+    sock = _borrow(_AF_INET, _SOCK_STREAM, 0, fd)
     try:
         return sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, ASK)
     except OSError:

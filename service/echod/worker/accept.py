@@ -12,7 +12,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from .. import stats
 from ..udp import RateLimiter, UdpEcho
@@ -21,9 +21,9 @@ from .core import EPOLLIN, Core
 
 log = logging.getLogger("echod.worker")
 
-ACCEPT_BATCH = 64  # connections accepted per listener per loop turn while a queue lasts (see accept)
-ACCEPT_STREAK = 8  # turns in a row a listener must be ready before it is accepted from in batches
-EMFILE_PAUSE = 1.0  # seconds accepting stays off when even the reserve fd cannot be had
+ACCEPT_BATCH: Final = 64  # connections accepted per listener per loop turn while a queue lasts (see accept)
+ACCEPT_STREAK: Final = 8  # turns in a row a listener must be ready before it is accepted from in batches
+EMFILE_PAUSE: Final = 1.0  # seconds accepting stays off when even the reserve fd cannot be had
 
 
 class HeaderPhase(Protocol):
@@ -166,7 +166,7 @@ class Acceptor:
                 os.close(fd)
                 counts[stats.REJECTED_PER_IP] += 1
                 continue
-            os.set_blocking(fd, False)
+            _set_blocking(fd, False)
             core.adopt(fd)
             if core.keep_peers:  # the access log's
                 core.peer[fd] = addr
@@ -200,6 +200,10 @@ class Acceptor:
             log.warning("out of file descriptors: not accepting for %.0f s", EMFILE_PAUSE)
             self.stop()
             self.resume_at = time.monotonic() + EMFILE_PAUSE
+
+
+# Compiled, a C static: not a lookup of `set_blocking` in the os module per connection.
+_set_blocking: Final = os.set_blocking
 
 
 def open_reserve() -> int:

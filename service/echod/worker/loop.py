@@ -30,6 +30,7 @@ import socket
 import ssl
 import sys
 import time
+from typing import Final
 
 from .. import logs, stats
 from ..config import Settings
@@ -51,8 +52,10 @@ from .tls import Tls
 
 log = logging.getLogger("echod.worker")
 
-MAX_EVENTS = 1024
-LOG_BATCH, LOG_DELAY = 64, 0.1  # access-log lines written at once; seconds one waits at most
+# Final: compiled, read per loop turn as constants, not looked up in the module dict each time.
+MAX_EVENTS: Final = 1024
+LOG_BATCH: Final = 64  # access-log lines written at once
+LOG_DELAY: Final = 0.1  # seconds a line waits at most
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 

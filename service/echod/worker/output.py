@@ -16,10 +16,12 @@ connection holds, not a kind of worker.
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Final, Protocol
 
-WOULD_BLOCK = -1  # fill(): nothing to read now
-FULL = -2  # fill(): the output cannot take more now (a pipe full in pages): stop reading until it drains
+WOULD_BLOCK: Final = -1  # fill(): nothing to read now
+FULL: Final = (
+    -2
+)  # fill(): the output cannot take more now (a pipe full in pages): stop reading until it drains
 
 
 class Output(Protocol):

@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from .. import stats
 from .core import Core
@@ -34,12 +34,12 @@ from .output import FULL, Conn, MemoryOutput, Output
 
 log = logging.getLogger("echod.worker")
 
-NONBLOCK = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+NONBLOCK: Final = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 # Empty pipes kept for reuse. Few: an idle pipe still counts its capacity against the user's
 # fs.pipe-user-pages-soft (16384 pages), beyond which new pipes get 2 pages only.
-IDLE_PIPES = 8
-BULK = 16384  # auto mode: a read at least this large moves the connection to splice ...
-SMALL = 4096  # ... and a splice smaller than this moves it back to copy
+IDLE_PIPES: Final = 8
+BULK: Final = 16384  # auto mode: a read at least this large moves the connection to splice ...
+SMALL: Final = 4096  # ... and a splice smaller than this moves it back to copy
 
 
 class PipePool:
