@@ -312,3 +312,26 @@ def test_access_log_on_the_service_logs_stream(echod: DaemonFactory) -> None:
     assert stat.S_ISREG(os.stat(d.log_path).st_mode)  # opened anew through /proc/self/fd/2
     os.kill(d.pid, signal.SIGUSR1)  # nothing to reopen on stderr: still serving
     assert echo_roundtrip(d.connect(), b"ok") == b"ok"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("per_ip", [0, 5], ids=["no-limit", "per-ip-limit"])
+def test_a_connection_handed_over_on_reload_is_logged_once_with_its_client(
+    echod: DaemonFactory, tmp_path: Path, per_ip: int
+) -> None:
+    """The new worker closes it: one line, with the socket's HOST:PORT (the per-IP limit keeps only the
+    bare address, which must not stand in for it) and the bytes of the connection's whole life."""
+    path = tmp_path / "access.log"
+    d = echod("--access-log", str(path), "--max-connections-per-ip", str(per_ip), workers=1)
+    sock = d.connect(timeout=5)
+    client = name(sock)
+    assert echo_roundtrip(sock, b"b" * 100) == b"b" * 100
+    old = one_worker(d)
+    d.send_signal(signal.SIGHUP)
+    wait_metrics(d, lambda m: m["echod_connections_handed_over_total"] == 1, "the handover")
+    wait_for(lambda: old not in d.workers(), 15, "the old worker to exit")
+    close_with_fin(sock, b"a" * 50)
+    entry = by_client(path, {client: "it"}, 1)["it"]
+    assert (entry["bytes_in"], entry["bytes_out"], entry["reason"]) == (150, 150, "client"), entry
+    assert entry["listener"] == d.listen[0], entry
+    assert [e["client"] for e in lines(path)].count(client) == 1

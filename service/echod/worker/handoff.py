@@ -148,7 +148,7 @@ class Handoff:
         outbox = self.outbox
         assert outbox is not None, "send_over is only called while handing over"
         try:
-            handover.send(outbox, fds, [core.peers.address(fd) for fd in fds])
+            handover.send(outbox, fds, [core.peers.header_address(fd) for fd in fds])
         except OSError as exc:
             sent = exc.sent if isinstance(exc, handover.PartialHandover) else 0
             log.warning("handover failed (%s): serving %d connections here for now", exc, len(fds) - sent)

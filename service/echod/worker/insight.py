@@ -103,7 +103,7 @@ class Insight:
         else:  # handed over: neither is known here
             listener, peer = self._addresses(fd)
             # The PROXY header's address came along (Peers), its port did not.
-            client_text = core.peers.address(fd) or (host_port(peer) if peer is not None else "")
+            client_text = core.peers.header_address(fd) or (host_port(peer) if peer is not None else "")
         access.add(listener, client_text, duration_us, bytes_in, bytes_out, reason, v)
 
     def rejected(self, fd: int, reason: str, peer: tuple[str, int], listener: str) -> None:

@@ -97,7 +97,7 @@ class Proxied:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection from %s port %d (PROXY protocol)", *source)
         if peers.limit:
-            if not peers.admit(fd, source[0]):
+            if not peers.admit(fd, source[0], named=True):
                 self.core.counts[stats.REJECTED_PER_IP] += 1
                 self.core.close(fd, "rejected")
                 return False
