@@ -49,7 +49,9 @@ def fast_path(core: Core, echo: Echo, bulk: int) -> Serve:
         """A plain connection takes the fast path; every other state handles its own event."""
         received = sent = 0
         stamp: object = tick
-        for fdo, ev in cast("list[tuple[object, int]]", events):
+        # The same list, its fds seen as objects (see fast_path); not cast(): interpreted, a call per turn.
+        items: list[tuple[object, int]] = events  # type: ignore[assignment]
+        for fdo, ev in items:
             # Not cast(int, fdo): interpreted, that is a call per event (65 ns of a 4.4 us message).
             fd: int = fdo  # type: ignore[assignment]  # the same object, unboxed by mypyc
             state = table[fd]
