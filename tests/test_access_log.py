@@ -335,3 +335,29 @@ def test_a_connection_handed_over_on_reload_is_logged_once_with_its_client(
     assert (entry["bytes_in"], entry["bytes_out"], entry["reason"]) == (150, 150, "client"), entry
     assert entry["listener"] == d.listen[0], entry
     assert [e["client"] for e in lines(path)].count(client) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_fin_then_a_reset_read_together_counts_only_the_bytes_sent(
+    echod: DaemonFactory, tmp_path: Path
+) -> None:
+    """The client half-closes and then resets before echod has read its FIN: echod sees both at once
+    (EPOLLERR with the FIN queued; the worker is stopped meanwhile so that it must). The kernel counts
+    the FIN's sequence number in tcpi_bytes_received and the reset leaves the socket in CLOSE; bytes_in
+    must still be what the client sent, and the reason a reset's."""
+    path = tmp_path / "access.log"
+    d = echod("--access-log", str(path), workers=1)
+    worker = one_worker(d)
+    sock = d.connect(timeout=5)
+    client = name(sock)
+    assert echo_roundtrip(sock, b"abc") == b"abc"
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, right behind the FIN
+        time.sleep(0.2)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    entry = by_client(path, {client: "it"}, 1)["it"]
+    assert (entry["bytes_in"], entry["bytes_out"], entry["reason"]) == (3, 3, "error"), entry

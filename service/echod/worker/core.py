@@ -96,6 +96,7 @@ class Core:
         self.via: list[str] = []
         self.header_bytes: dict[int, int] = {}  # fd -> length of its PROXY header (TCP_INFO counts it)
         self.closing: Callable[[int, str], None] = _nothing  # sees every connection just before close
+        self.fin_in = -1  # during its close: the fd whose failing read found the client's FIN (fail)
         self.counts = [0] * stats.COUNTERS
         self.tick = 0  # whole seconds of CLOCK_MONOTONIC, as of this loop turn
         self.turn = 0  # loop turns so far
@@ -178,13 +179,19 @@ class Core:
             log.debug("connection closed on error: %s", error.strerror or error)
 
     def fail(self, fd: int) -> None:
-        """EPOLLERR: the next read reports the real error (ECONNRESET, ETIMEDOUT...), as asyncio does."""
+        """EPOLLERR: the next read reports the real error (ECONNRESET, ETIMEDOUT...), as asyncio does.
+
+        A read that returns the client's FIN instead (a reset came right behind it, before we read)
+        tells the close's observer so: the kernel counted the FIN in TCP_INFO's bytes received, and the
+        reset left no state that says so (worker/insight.py)."""
+        error: OSError | None = None
         try:
-            os.read(fd, 1)
-            error: OSError | None = None
+            if not os.read(fd, 1):
+                self.fin_in = fd
         except OSError as exc:
             error = exc
         self.close(fd, "error", error)
+        self.fin_in = -1
 
 
 def _nothing(fd: int, reason: str) -> None:

@@ -95,7 +95,8 @@ class Insight:
         core = self.core
         bytes_in = bytes_out = 0
         if v is not None:
-            bytes_in = max(0, tcpinfo.bytes_in(v, reason in _FIN_POSSIBLE) - core.header_bytes.get(fd, 0))
+            fin = reason in _FIN_POSSIBLE or core.fin_in == fd
+            bytes_in = max(0, tcpinfo.bytes_in(v, fin) - core.header_bytes.get(fd, 0))
             bytes_out = tcpinfo.bytes_out(v)
         listener, client = core.via[fd], core.peer[fd]
         if client is not None and listener:
