@@ -58,6 +58,8 @@ def refuses(host: str, port: int) -> bool:
         sock = socket.create_connection((host, port), timeout=2)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # the listener closed during our handshake (seen once in CI): ask again
+        return False
     sock.close()
     return False
 
