@@ -19,9 +19,8 @@ import os
 from typing import Final, Protocol
 
 WOULD_BLOCK: Final = -1  # fill(): nothing to read now
-FULL: Final = (
-    -2
-)  # fill(): the output cannot take more now (a pipe full in pages): stop reading until it drains
+# fill(): the output cannot take more now (a pipe full in pages): stop reading until it drains
+FULL: Final = -2
 
 
 class Output(Protocol):
