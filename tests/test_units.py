@@ -6,13 +6,16 @@ Sockets are real (socketpair, loopback TCP) and every blocking call has a timeou
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import free_port, has_ipv6
@@ -524,3 +527,28 @@ def test_json_line_fast_path_writes_the_same_text_as_the_format(duration_us: int
     assert entry["ts"] == f"2026-12-03T17:00:00.{ms:03d}Z"
     assert entry["duration_s"] == pytest.approx(duration_us / 1e6, abs=1e-9)
     assert (entry["rtt_us"], entry["min_rtt_us"], entry["delivery_rate_bps"]) == (57, 11, 987_654_312)
+
+
+# -- daemon.running_pid -------------------------------------------------------------------------------
+
+
+def test_a_locked_pidfile_found_empty_is_read_again(tmp_path: Path) -> None:
+    """A pidfile being rewritten (locked, empty for an instant: an upgraded master's write_pid) must not
+    read as "not running": `echod stop` returned 0 and left the daemon up."""
+    path = tmp_path / "echod.pid"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    writer = threading.Timer(0.03, lambda: os.pwrite(fd, b"4242\n", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: is_locked sees it held
+        writer.start()
+        assert daemon.running_pid(path) == 4242
+        writer.join()
+        os.ftruncate(fd, 0)  # locked and empty for good: given up on, after a bounded wait
+        started = time.monotonic()
+        assert daemon.running_pid(path) is None
+        assert time.monotonic() - started < 2.0
+    finally:
+        writer.cancel()
+        writer.join()
+        os.close(fd)
+    assert daemon.running_pid(path) is None  # unlocked: not running, at once

@@ -95,9 +95,26 @@ def is_locked(path: Path) -> bool:
     return False
 
 
+# A locked pidfile found empty is read again this often (see running_pid); the rewrite it waits for is
+# two system calls.
+_REREADS = 20
+_REREAD_PAUSE = 0.005  # seconds
+
+
 def running_pid(path: Path) -> int | None:
-    pid = read_pid(path)
-    return pid if pid is not None and is_locked(path) else None
+    """The pid of the live daemon that holds the pidfile's lock, or None.
+
+    Locked but empty is a pidfile being written: PidFile locks before it writes, and an upgraded
+    master rewrites the file it took over in place (upgrade.Pidfile.write_pid). It is read again for a
+    moment rather than answered "not running", which made `echod stop` return 0 with the daemon up."""
+    for _ in range(_REREADS):
+        if not is_locked(path):
+            return None
+        pid = read_pid(path)
+        if pid is not None:
+            return pid
+        time.sleep(_REREAD_PAUSE)
+    return None
 
 
 def drop_privileges(user: str, group: str, access_log: str = "") -> None:
