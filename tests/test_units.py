@@ -6,6 +6,7 @@ Sockets are real (socketpair, loopback TCP) and every blocking call has a timeou
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import os
 import select
@@ -552,3 +553,32 @@ def test_a_locked_pidfile_found_empty_is_read_again(tmp_path: Path) -> None:
         writer.join()
         os.close(fd)
     assert daemon.running_pid(path) is None  # unlocked: not running, at once
+
+
+def test_stop_waits_for_the_exit_not_just_the_lock(tmp_path: Path) -> None:
+    """The master lets go of the pidfile's lock before it has exited (python-daemon's context.close),
+    and `echod stop` returned in that gap: a CI run found the old master alive after a stop during an
+    upgrade. Here a holder that lingers 0.5 s after it drops the lock must be gone when stop returns."""
+    path = tmp_path / "echod.pid"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys, time\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+        "def term(*_):\n"
+        "    os.close(fd)\n"
+        "    time.sleep(0.5)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )], stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"ready\n"
+        assert daemon.running_pid(path) == holder.pid
+        args = argparse.Namespace(pidfile=str(path), config=None, timeout=10.0)
+        assert daemon.cmd_stop(args) == 0
+        assert holder.poll() == 0  # exited (a zombie until reaped here), not still on its way out
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -178,15 +178,33 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if pid is None:
         print("echod is not running")
         return 0
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while is_locked(path):
-        if time.monotonic() > deadline:
-            print(f"echod (pid {pid}) still running after {args.timeout:g} s", file=sys.stderr)
-            return 1
-        time.sleep(0.05)
+    try:
+        # A pidfd, not the bare pid: the signal cannot reach a recycled pid, and we can see the exit.
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd = None  # gone between the read and now; its lock goes with it
+    try:
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):  # it exited in between: wait out the lock
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while is_locked(path) or (pidfd is not None and not _exited(pidfd)):
+            if time.monotonic() > deadline:
+                print(f"echod (pid {pid}) still running after {args.timeout:g} s", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     print(f"echod stopped (pid {pid})")
     return 0
+
+
+def _exited(pidfd: int) -> bool:
+    """The lock alone is not the exit: the master releases it (python-daemon's context.close) before it
+    has exited, and during an upgrade the new master shares the lock. A CI run saw `stop` return with
+    the old master still alive (tests/test_deploy.py, stop during an upgrade)."""
+    return bool(select.select([pidfd], [], [], 0)[0])  # readable once the process has exited
 
 
 def run(load: Callable[[], Settings]) -> int:
