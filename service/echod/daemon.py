@@ -25,6 +25,7 @@ from pathlib import Path
 from . import logs
 from .config import ConfigError, Settings
 from .config_load import config_path, load_settings
+from .inherit import exited
 from .startup import Prepared, build_master, config_failure, prepare
 
 EX_RUNTIME = 1
@@ -188,7 +189,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
             with contextlib.suppress(ProcessLookupError):  # it exited in between: wait out the lock
                 signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
-        while is_locked(path) or (pidfd is not None and not _exited(pidfd)):
+        # The lock alone is not the exit: the master releases it (python-daemon's context.close) before
+        # it has exited, and during an upgrade the new master shares it. A CI run saw `stop` return with
+        # the old master still alive (tests/test_deploy.py, stop during an upgrade).
+        while is_locked(path) or (pidfd is not None and not exited(pidfd)):
             if time.monotonic() > deadline:
                 print(f"echod (pid {pid}) still running after {args.timeout:g} s", file=sys.stderr)
                 return 1
@@ -198,13 +202,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
             os.close(pidfd)
     print(f"echod stopped (pid {pid})")
     return 0
-
-
-def _exited(pidfd: int) -> bool:
-    """The lock alone is not the exit: the master releases it (python-daemon's context.close) before it
-    has exited, and during an upgrade the new master shares the lock. A CI run saw `stop` return with
-    the old master still alive (tests/test_deploy.py, stop during an upgrade)."""
-    return bool(select.select([pidfd], [], [], 0)[0])  # readable once the process has exited
 
 
 def run(load: Callable[[], Settings]) -> int:
