@@ -33,11 +33,37 @@ def fuzz_settings(examples: int) -> settings:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def _below_the_ephemeral_range() -> Iterator[int]:
+    """Ports under the kernel's ephemeral range, in random order, each handed out once per process.
+
+    bind(0) answers from the ephemeral range, where every outgoing connect() also takes its source
+    port: a port found free that way was taken by some client before echod bound it (a clean-clone CI
+    run: "cannot bind 127.0.0.1:46907: Address already in use"). Below the range only explicit binds
+    land, and handing each port out once keeps two of our own requests apart."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    ports = list(range(max(1024, low - 12000), low))
+    random.shuffle(ports)
+    yield from ports
+
+
+_PORTS = _below_the_ephemeral_range()
+
+
+def free_port(host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    for port in _PORTS:
+        with socket.socket(family, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:  # somebody's: try the next
+                continue
+            return port
+    with socket.socket(family, kind) as sock:  # no such range here (or used up): the kernel's pick
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def has_ipv6() -> bool:

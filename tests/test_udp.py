@@ -33,10 +33,7 @@ def dropped(reason: str) -> str:
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_port(host, socket.SOCK_DGRAM)
 
 
 def client(source: str = "127.0.0.1", port: int = 0, timeout: float = 2.0) -> socket.socket:

@@ -582,3 +582,15 @@ def test_stop_waits_for_the_exit_not_just_the_lock(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait(10)
+
+
+# -- the harness's own free ports (tests/conftest.py) -------------------------------------------------
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_never_repeat() -> None:
+    """A port from the ephemeral range can be taken by any client's connect() before echod binds it
+    (a CI run lost a test to that); and two of one test's ports must never be the same."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)] + [free_port(kind=socket.SOCK_DGRAM) for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= port < low for port in ports), sorted(ports)[-5:]
