@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import os
 import select
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import conftest
 import pytest
 from conftest import free_port, has_ipv6
 from echod import daemon
@@ -594,3 +596,24 @@ def test_free_ports_lie_below_the_ephemeral_range_and_never_repeat() -> None:
     ports = [free_port() for _ in range(200)] + [free_port(kind=socket.SOCK_DGRAM) for _ in range(50)]
     assert len(set(ports)) == len(ports)
     assert all(1024 <= port < low for port in ports), sorted(ports)[-5:]
+
+
+@pytest.mark.parametrize("index", [0, 3])
+def test_parallel_test_processes_draw_ports_from_disjoint_shares(
+    monkeypatch: pytest.MonkeyPatch, index: int
+) -> None:
+    """Under pytest-xdist (`make test`), each process checks a port free and hands it to echod later:
+    two processes drawing from one pool could both pick a port in between. Each draws its own share."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{index}")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    ports = list(itertools.islice(conftest._below_the_ephemeral_range(), 500))
+    assert len(ports) == 500
+    assert {port % 4 for port in ports} == {index}
+
+
+def test_parallel_runs_keep_the_systemd_container_tests_in_one_process() -> None:
+    """The scheduler's unit of work (tests/conftest.py): test_systemd.py's tests share one container
+    (a module fixture), so they go to one process together; every other test is a unit of its own."""
+    assert conftest._scope("tests/test_systemd.py::test_watchdog") == "tests/test_systemd.py"
+    assert conftest._scope("tests/test_systemd.py::test_io_modes[copy]") == "tests/test_systemd.py"
+    assert conftest._scope("tests/test_echo.py::test_echo[copy]") == "tests/test_echo.py::test_echo[copy]"
