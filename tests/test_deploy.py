@@ -336,21 +336,22 @@ def test_stop_during_an_upgrade_stops_the_new_master_too(ctl: Ctl, tmp_path: Pat
     hook = tmp_path / "slow-upgrade"
     hook.mkdir()
     # A new master that is slow to start (it alone has ECHOD_INHERIT): once it has taken its inherited
-    # sockets (and so popped the variable), a thread holds logging's lock for 4 s, which stalls it at
-    # its next log call. Not earlier: a successor whose parent is already gone runs as a fresh instance
-    # (and fails, the port held by its own inherited sockets). Not SIGSTOP: a stopped process in the
-    # group that the old master's exit orphans gets SIGHUP from the kernel.
+    # sockets (and so popped the variable), its next log call sleeps 4 s, in its own thread. Not
+    # earlier: a successor whose parent is already gone runs as a fresh instance (and fails, the port
+    # held by its own inherited sockets). Not SIGSTOP: a stopped process in the group that the old
+    # master's exit orphans gets SIGHUP from the kernel. Not a thread that waits for the variable to
+    # go and then holds logging's lock: with 4 test processes on 2 cores the new master logged, got
+    # ready and took over before that thread ran (a `make test` run), and `stop` met no upgrade.
     (hook / "sitecustomize.py").write_text(
-        "import os, threading, time\n"
-        "def _stall():\n"
-        "    while 'ECHOD_INHERIT' in os.environ:\n"
-        "        time.sleep(0.001)\n"
-        "    import logging\n"
-        "    logging._acquireLock()\n"
-        "    time.sleep(4)\n"
-        "    logging._releaseLock()\n"
+        "import logging, os, time\n"
         "if 'ECHOD_INHERIT' in os.environ:\n"
-        "    threading.Thread(target=_stall, daemon=True).start()\n"
+        "    _log, _stalled = logging.Logger._log, []\n"
+        "    def _slow_log(self, *args, **kwargs):\n"
+        "        if 'ECHOD_INHERIT' not in os.environ and not _stalled:\n"
+        "            _stalled.append(True)\n"
+        "            time.sleep(4)\n"
+        "        return _log(self, *args, **kwargs)\n"
+        "    logging.Logger._log = _slow_log\n"
     )
     ctl.env["PYTHONPATH"] = str(hook)
     port = free_port()
