@@ -2,15 +2,15 @@
 plain and a PROXY+TLS listener, a TLS connection across a USR2 upgrade, and the worker's budget for
 pending output (max_buffered_bytes) pausing a TLS connection that must read again once drained.
 
-The client is an `ssl.SSLObject` over a non-blocking socket (`Duplex`): it sends and reads in one
-thread, so a test can write far more than the kernel buffers hold before it reads, without deadlock.
+The client is an `ssl.SSLObject` over a non-blocking socket (`Duplex`, tests/test_tls.py): it sends and
+reads in one thread, so a test can write far more than the kernel buffers hold before it reads, without
+deadlock.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import select
 import signal
 import socket
 import ssl
@@ -30,7 +30,7 @@ from conftest import (
     wait_metrics,
 )
 from echod.proxy import header_v1, header_v2
-from test_tls import ACTIVE, FAILED, IO_TIMEOUT, OK, TLS_ACTIVE, Pki, tls_daemon, tls_options
+from test_tls import ACTIVE, FAILED, IO_TIMEOUT, OK, TLS_ACTIVE, Duplex, Pki, tls_daemon, tls_options
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -46,90 +46,6 @@ BUFFERED = "echod_buffered_bytes"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
-
-
-class Duplex:
-    """A TLS client on a connected socket: handshake at once; then send and read in the same loop."""
-
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
-        self.sock = sock
-        sock.setblocking(False)
-        self.inbio, self.outbio = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inbio, self.outbio, server_hostname="127.0.0.1")
-        self.wire = bytearray()  # ciphertext the kernel has not taken yet
-        self.got = bytearray()  # plaintext echoed back
-        self.eof = False
-        try:
-            self._handshake()
-        except BaseException:
-            sock.close()
-            raise
-
-    def _handshake(self) -> None:
-        deadline = time.monotonic() + IO_TIMEOUT
-        while True:  # a refused connection raises here (ssl.SSLError or ConnectionError): never a timeout
-            try:
-                self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if self.eof:
-                    raise ConnectionError("closed during the handshake") from None
-                if time.monotonic() > deadline:
-                    raise AssertionError("the TLS handshake neither finished nor failed in time") from None
-                self.pump(0.1)
-        self.pump(0)  # our Finished
-
-    def pump(self, wait: float, read: bool = True) -> int:
-        """Send what is pending and take in what came, waiting up to `wait` s for either; bytes moved."""
-        self.wire += self.outbio.read()
-        readable, writable, _ = select.select([self.sock] if read else [], [self.sock] if self.wire else [],
-                                              [], wait)  # fmt: skip
-        moved = 0
-        if writable:
-            try:
-                moved = self.sock.send(self.wire)
-            except BlockingIOError:
-                moved = 0
-            del self.wire[:moved]
-        if readable and not self.eof:
-            data = self.sock.recv(1 << 20)
-            if data:
-                self.inbio.write(data)
-                moved += len(data)
-            else:
-                self.eof = True
-                self.inbio.write_eof()
-        return moved
-
-    def decrypt(self) -> None:
-        while True:
-            try:
-                chunk = self.obj.read(1 << 20)
-            except (ssl.SSLWantReadError, ssl.SSLEOFError):
-                return
-            if not chunk:
-                return
-            self.got += chunk
-
-    def send(self, data: bytes) -> None:
-        self.obj.write(data)  # into the memory BIO, whole; pump() sends it
-
-    def wait_echo(self, size: int, timeout: float = IO_TIMEOUT) -> bytes:
-        """Pump until `size` bytes have come back (or the deadline, or EOF); returns and consumes them."""
-        deadline = time.monotonic() + timeout
-        while len(self.got) < size and not self.eof and time.monotonic() < deadline:
-            self.pump(0.05)
-            self.decrypt()
-        data = bytes(self.got[:size])
-        del self.got[:size]
-        return data
-
-    def echo(self, payload: bytes) -> bytes:
-        self.send(payload)
-        return self.wait_echo(len(payload))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def tcp(daemon: Daemon, source: str = "127.0.0.1", header: bytes = b"") -> socket.socket:
