@@ -61,8 +61,13 @@ def refused(make: Callable[[], Duplex]) -> None:
 
 
 def push_tls_until_stuck(clients: list[Duplex], quiet: float = 1.0, timeout: float = 60.0) -> None:
-    """Send what each client holds, never reading, until no byte has moved for `quiet` s; each must
-    still have ciphertext left over: echod stopped reading from all of them."""
+    """Send what each client holds, never reading, until no byte has moved for `quiet` s.
+
+    Whether echod stopped reading is for its metrics to say (echod_backpressure_pauses_total), not
+    what a client has left to send: on loopback the kernel may take all of it, the accepted socket's
+    receive buffer growing up to tcp_rmem's maximum (32 MiB here). In runs beside other tests, all
+    16 MiB of a client were sent: `ss -tm` showed 12.9 MB waiting in receive buffers autotuned to
+    13-19 MB, behind the 3.8 MB echod had written and paused on."""
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     while time.monotonic() - last < quiet:
@@ -71,7 +76,6 @@ def push_tls_until_stuck(clients: list[Duplex], quiet: float = 1.0, timeout: flo
             last = time.monotonic()
         else:
             time.sleep(0.02)
-    assert all(client.wire for client in clients), "a client sent everything: echod never stopped reading"
 
 
 # -- max_connections ----------------------------------------------------------------------------------
