@@ -118,12 +118,25 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def alive(pid: int) -> bool:
+def state(pid: int) -> str:
+    """The process's state letter from /proc (R, S, T, Z, ...); "" once it is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
-    return state != "Z"
+        return ""
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in ("", "Z")
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP `pid` and wait until it has stopped. kill() only makes the signal pending: a worker it
+    wakes from epoll_wait can still collect the events that arrive before it stops, and act on them
+    once continued, apart from what came later (beside other tests, a FIN and the reset right behind
+    it reached echod as two events that way, where the test needed one)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: state(pid) == "T", timeout, f"process {pid} to stop")
 
 
 class Daemon:

@@ -32,6 +32,7 @@ from conftest import (
     push_until_stuck,
     recv_exactly,
     rss_bytes,
+    stop_process,
     wait_for,
     wait_metrics,
 )
@@ -229,7 +230,7 @@ def queue_while_stopped(daemon: Daemon, sock: socket.socket, payload: bytes, fin
     worker = one_worker(daemon)
     sock.setblocking(False)
     sent = 0
-    os.kill(worker, signal.SIGSTOP)
+    stop_process(worker)
     try:
         with contextlib.suppress(BlockingIOError):
             while sent < len(payload):
@@ -273,7 +274,7 @@ def test_data_behind_urgent_byte_is_echoed(echod):
         assert echo_roundtrip(sock, b"registered") == b"registered"
         sock.sendall(bulk)
         assert_same_bytes(recv_exactly(sock, len(bulk)), bulk, "bulk echo")
-        os.kill(worker, signal.SIGSTOP)
+        stop_process(worker)
         try:
             sock.sendall(bulk[: 8 * KIB])  # large enough for auto mode to stay in splice mode
             sock.send(b"!", socket.MSG_OOB)

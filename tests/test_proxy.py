@@ -44,6 +44,7 @@ from conftest import (
     one_worker,
     recv_exactly,
     start_haproxy,
+    stop_process,
     wait_for,
     wait_metrics,
 )
@@ -430,7 +431,7 @@ def test_header_data_and_eof_in_one_event(echod: DaemonFactory) -> None:
     payload = b"after the header, then EOF\n"
     with connect(daemon) as sock:
         wait_metrics(daemon, counted(accepted=1), "the connection accepted")
-        os.kill(worker, signal.SIGSTOP)
+        stop_process(worker)
         try:
             sock.sendall(header_v1(("192.0.2.9", 40009), ("127.0.0.1", daemon.port)) + payload)
             sock.shutdown(socket.SHUT_WR)
