@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, alive, comm, echo_roundtrip, free_port, recv_exactly, wait_for
+from conftest import Daemon, alive, comm, echo_roundtrip, free_port, recv_exactly, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -336,7 +336,7 @@ def test_fewer_workers_resets_no_connection(echod_conf, tmp_path, how):
     assert len(old) == 3
     busy = next(pid for pid in old if comm(pid) == "echod-worker-2")
     socks: list[socket.socket] = []
-    os.kill(busy, signal.SIGSTOP)
+    stop_process(busy)
     try:
         for index in range(400):
             sock = daemon.connect(timeout=LIVENESS)
@@ -445,7 +445,7 @@ def test_ttin_right_after_ttou_gives_the_retiring_slot_a_new_worker(echod, tmp_p
     config.write_text("shutdown_timeout = 120\nheartbeat_timeout = 120\n")
     daemon = echod("--config", str(config), workers=2)
     old = next(pid for pid in daemon.workers() if comm(pid) == "echod-worker-1")
-    os.kill(old, signal.SIGSTOP)
+    stop_process(old)
     try:
         daemon.send_signal(signal.SIGTTOU)
         wait_for(lambda: "workers: 2 -> 1" in daemon.log(), LIVENESS, "TTOU handled")
