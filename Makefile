@@ -13,6 +13,7 @@ SOURCES := pyproject.toml setup.py $(shell find service -name '*.py' -not -path 
 INTERPRETED_TESTS ?= tests/test_build.py tests/test_echo.py tests/test_lifecycle.py tests/test_reliability.py
 # Test processes (pytest-xdist): the tests mostly wait on the daemon, so 4 on CI's 2 cores cut the
 # suite from about 14 to about 6 minutes (tests/conftest.py, "parallel runs"). TEST_JOBS=0: one process.
+# Tests marked `exclusive` (timing between pinned processes) run afterwards, alone.
 TEST_JOBS ?= 4
 
 .PHONY: run run-compiled test lint system-deps bench bench-io soak clean
@@ -54,8 +55,10 @@ lint: $(STAMP)
 # The whole suite on the compiled build (what deploy/install.sh installs), then the daemon's
 # integration tests on the interpreted one (the editable .venv): the tests spawn sys.executable.
 test: $(STAMP) $(CSTAMP) system-deps lint
-	EXPECT_ECHOD_BUILD=compiled $(CBIN)/pytest -n $(TEST_JOBS) tests
-	EXPECT_ECHOD_BUILD=interpreted $(BIN)/pytest -n $(TEST_JOBS) $(INTERPRETED_TESTS)
+	EXPECT_ECHOD_BUILD=compiled $(CBIN)/pytest -n $(TEST_JOBS) -m "not exclusive" tests
+	EXPECT_ECHOD_BUILD=compiled $(CBIN)/pytest -m exclusive tests
+	EXPECT_ECHOD_BUILD=interpreted $(BIN)/pytest -n $(TEST_JOBS) -m "not exclusive" $(INTERPRETED_TESTS)
+	EXPECT_ECHOD_BUILD=interpreted $(BIN)/pytest -m exclusive $(INTERPRETED_TESTS) || [ $$? -eq 5 ]  # 5: none there
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)

@@ -230,6 +230,7 @@ def starve(tmp_path: Path, model: str, *extra: str) -> dict[str, Any]:
 
 
 @pytest.mark.integration
+@pytest.mark.exclusive  # a flooder out-running the server: not beside other tests
 def test_edge_triggered_read_until_eagain_starves_other_connections(tmp_path: Path) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs: the flooder must out-run the server, pinned apart")
@@ -246,6 +247,7 @@ def test_edge_triggered_read_until_eagain_starves_other_connections(tmp_path: Pa
 
 
 @pytest.mark.integration
+@pytest.mark.exclusive  # a flooder out-running the server: not beside other tests
 def test_echod_serves_a_pinger_through_a_flood(echod: DaemonFactory) -> None:
     # echod reads a ready connection once per loop turn: like the fair models above, and unlike reading
     # until EAGAIN, a flood costs another connection one turn, not the flood's length.
