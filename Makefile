@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py $(shell find service -name '*.py' -not -path 
 # The integration tests `make test` also runs on the interpreted build.
 INTERPRETED_TESTS ?= tests/test_build.py tests/test_echo.py tests/test_lifecycle.py tests/test_reliability.py
 # Test processes (pytest-xdist): the tests mostly wait on the daemon, so 4 on CI's 2 cores cut the
-# suite from about 14 to about 6 minutes (tests/conftest.py, "parallel runs"). TEST_JOBS=0: one process.
+# suite from about 14 to about 5 minutes (tests/conftest.py, "parallel runs"). TEST_JOBS=0: one process.
 # Tests marked `exclusive` (timing between pinned processes) run afterwards, alone.
 TEST_JOBS ?= 4
 

@@ -133,8 +133,9 @@ def alive(pid: int) -> bool:
 def stop_process(pid: int, timeout: float = 10.0) -> None:
     """SIGSTOP `pid` and wait until it has stopped. kill() only makes the signal pending: a worker it
     wakes from epoll_wait can still collect the events that arrive before it stops, and act on them
-    once continued, apart from what came later (beside other tests, a FIN and the reset right behind
-    it reached echod as two events that way, where the test needed one)."""
+    once continued, apart from what came later. test_access_log.py's FIN-then-reset test, which needs
+    both in one event, failed 3 of 40 runs beside other tests without this wait (and the one for the
+    reset), none of 40 with them."""
     os.kill(pid, signal.SIGSTOP)
     wait_for(lambda: state(pid) == "T", timeout, f"process {pid} to stop")
 
@@ -416,7 +417,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # -- parallel runs (pytest-xdist) ---------------------------------------------------------------------
 # `make test` runs the suite in TEST_JOBS processes (Makefile): most of a test's time is spent waiting on
 # the daemon (idle timeouts, drains, reloads), so 4 processes on 2 cores ran the compiled suite in
-# 185-253 s against 548 s in one. Each test is its own unit of work, except the files named here,
+# 165-193 s (ten runs) against 548 s in one. Each test is its own unit of work, except the files named here,
 # whose module fixtures are too dear to build once per process: test_systemd.py boots a container and
 # installs echod into it (40-90 s), and two containers at once broke a restart in one of them.
 ONE_PROCESS = ("test_systemd.py",)
