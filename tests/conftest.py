@@ -417,7 +417,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # -- parallel runs (pytest-xdist) ---------------------------------------------------------------------
 # `make test` runs the suite in TEST_JOBS processes (Makefile): most of a test's time is spent waiting on
 # the daemon (idle timeouts, drains, reloads), so 4 processes on 2 cores ran the compiled suite in
-# 165-193 s (ten runs) against 548 s in one. Each test is its own unit of work, except the files named here,
+# 165-193 s against 548 s in one. Each test is its own unit of work, except the files named here,
 # whose module fixtures are too dear to build once per process: test_systemd.py boots a container and
 # installs echod into it (40-90 s), and two containers at once broke a restart in one of them.
 ONE_PROCESS = ("test_systemd.py",)
