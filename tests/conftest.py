@@ -118,6 +118,17 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def server_sockets(port: int) -> dict[int, int]:
+    """The server sides of IPv4 connections to local `port` that the kernel still lists (/proc/net/tcp):
+    client port -> socket inode, 0 for one no process holds any more (TIME_WAIT, orphaned)."""
+    found: dict[int, int] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        if int(parts[1].split(":")[1], 16) == port:
+            found[int(parts[2].split(":")[1], 16)] = int(parts[9])
+    return found
+
+
 def state(pid: int) -> str:
     """The process's state letter from /proc (R, S, T, Z, ...); "" once it is gone."""
     try:

@@ -29,6 +29,7 @@ from conftest import (
     one_worker,
     recv_exactly,
     rss_bytes,
+    server_sockets,
     stop_process,
     wait_for,
     wait_metrics,
@@ -62,16 +63,6 @@ def by_client(path: Path, sock_names: dict[str, str], count: int) -> dict[str, d
     result = wait_for(found, 15, f"{count} access-log lines in {path}")
     assert isinstance(result, dict)
     return result
-
-
-def server_side(port: int, client: str) -> bool:
-    """Whether the kernel still lists the server side (local `port`) of the connection from `client`."""
-    client_port = int(client.rsplit(":", 1)[1])
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, remote = line.split()[1:3]
-        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) == client_port:
-            return True
-    return False
 
 
 def name(sock: socket.socket) -> str:
@@ -368,7 +359,8 @@ def test_a_fin_then_a_reset_read_together_counts_only_the_bytes_sent(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # a reset, right behind the FIN
         # The reset has reached echod's side once the kernel has dropped it from its table (CLOSE).
-        wait_for(lambda: not server_side(d.port, client), 10, "the reset to reach echod's socket")
+        client_port = int(client.rsplit(":", 1)[1])
+        wait_for(lambda: client_port not in server_sockets(d.port), 10, "the reset to reach echod's socket")
     finally:
         os.kill(worker, signal.SIGCONT)
     entry = by_client(path, {client: "it"}, 1)["it"]

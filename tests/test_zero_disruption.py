@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, alive, children, comm, free_port, wait_for
+from conftest import Daemon, alive, children, comm, free_port, server_sockets, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -437,12 +437,7 @@ def _socket_inodes(pid: int) -> set[int]:
 
 def owners(server_port: int, client_ports: list[int], pids: list[int]) -> dict[int, int | None]:
     """client port -> pid of the worker holding the server side of that loopback connection."""
-    inode_of: dict[int, int] = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        local, remote, inode = parts[1], parts[2], int(parts[9])
-        if inode and int(local.split(":")[1], 16) == server_port:
-            inode_of[int(remote.split(":")[1], 16)] = inode
+    inode_of = {port: inode for port, inode in server_sockets(server_port).items() if inode}
     held = {pid: _socket_inodes(pid) for pid in pids}
     return {
         port: next((pid for pid, inodes in held.items() if inode_of.get(port) in inodes), None)
