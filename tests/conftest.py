@@ -120,7 +120,8 @@ def open_fds(pid: int) -> int:
 
 def server_sockets(port: int) -> dict[int, int]:
     """The server sides of IPv4 connections to local `port` that the kernel still lists (/proc/net/tcp):
-    client port -> socket inode, 0 for one no process holds any more (TIME_WAIT, orphaned)."""
+    client port -> socket inode, 0 for one no process holds any more (TIME_WAIT, orphaned). The
+    listening socket itself, if any, is under client port 0."""
     found: dict[int, int] = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         parts = line.split()
